@@ -1,0 +1,289 @@
+"""The single place that adapts detectron2 v0.6 to today's torch, NumPy, Pillow and setuptools.
+
+detectron2 v0.6 (2021) predates Pillow 10, NumPy 1.24/2.x, setuptools without ``pkg_resources`` and
+installs without its compiled ops (``detectron2._C``). Each adaptation below is applied only when the
+installed library needs it, touches as little as it can (the NumPy and ``pkg_resources`` fixes are
+scoped to the detectron2 modules that need them, through an import hook), and is recorded in
+:data:`APPLIED` so tests and logs can say what was done. A detectron2 built from source with its
+compiled ops on a library stack it supports gets none of them.
+
+Call :func:`apply` before importing detectron2 submodules; ``import resim_d2`` does it.
+"""
+import contextlib
+import importlib.abc
+import importlib.machinery
+import importlib.resources
+import importlib.util
+import os
+import sys
+import types
+
+import numpy as np
+
+__all__ = ["apply", "APPLIED", "MissingCompiledOpError", "has_compiled_ops"]
+
+# name -> one line saying why; filled by apply()
+APPLIED: dict[str, str] = {}
+
+# detectron2 modules that use NumPy aliases removed in NumPy 1.24 (np.int, np.float, np.str, and np.bool
+# until NumPy 2.0 brought it back as the bool dtype).
+_NUMPY_ALIAS_USERS = (
+    "detectron2.data.build",
+    "detectron2.data.datasets.pascal_voc",
+    "detectron2.evaluation.pascal_voc_evaluation",
+    "detectron2.evaluation.sem_seg_evaluation",
+    "detectron2.structures.masks",
+    "detectron2.utils.visualizer",
+    "detectron2.utils.video_visualizer",
+)
+_REMOVED_NUMPY_ALIASES = {"int": int, "float": float, "bool": bool, "str": str, "object": object}
+
+# detectron2 modules that run `from detectron2 import _C` at import time.
+_COMPILED_OP_USERS = (
+    "detectron2.layers.deform_conv",
+    "detectron2.layers.rotated_boxes",
+    "detectron2.layers.roi_align_rotated",
+    "detectron2.evaluation.fast_eval_api",
+)
+
+_BUILD_HINT = (
+    "This detectron2 has no compiled ops (detectron2._C); build detectron2 v0.6 from source to get "
+    "them: see https://detectron2.readthedocs.io/en/latest/tutorials/install.html"
+)
+
+
+class MissingCompiledOpError(NotImplementedError):
+    """Raised when a model asks for an op that lives only in detectron2's compiled extension."""
+
+
+def has_compiled_ops() -> bool:
+    """True if ``detectron2._C`` (the compiled extension) can be imported."""
+    try:
+        return importlib.util.find_spec("detectron2._C") is not None
+    except (ImportError, ValueError):
+        return False
+
+
+class _MissingOps(types.ModuleType):
+    """Stands in for ``detectron2._C`` inside the modules that import it; every op raises."""
+
+    def __getattr__(self, name):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        raise MissingCompiledOpError(f"detectron2 op '{name}' is not available. {_BUILD_HINT}")
+
+
+def _numpy_with_removed_aliases() -> types.ModuleType:
+    """A view of numpy that also answers the aliases the installed NumPy removed."""
+    missing = {k: v for k, v in _REMOVED_NUMPY_ALIASES.items() if k not in np.__dict__}
+    view = types.ModuleType("numpy")
+
+    def __getattr__(name):
+        if name in missing:
+            return missing[name]
+        return getattr(np, name)
+
+    view.__getattr__ = __getattr__
+    view.__dict__.update({"__name__": "numpy", "__file__": np.__file__})
+    return view
+
+
+class _PkgResourcesShim(types.ModuleType):
+    """The one ``pkg_resources`` call detectron2.model_zoo makes, on importlib.resources."""
+
+    @staticmethod
+    def resource_filename(package, resource):
+        return str(importlib.resources.files(package).joinpath(resource))
+
+
+# ---------------------------------------------------------------------------------------------------
+# import hook: run a context manager around, and a fix-up after, executing selected modules
+# ---------------------------------------------------------------------------------------------------
+class _PatchingLoader(importlib.abc.Loader):
+    def __init__(self, loader, around, after):
+        self._loader, self._around, self._after = loader, around, after
+
+    def create_module(self, spec):
+        return self._loader.create_module(spec)
+
+    def exec_module(self, module):
+        with self._around(module):
+            self._loader.exec_module(module)
+        self._after(module)
+
+
+class _PatchingFinder(importlib.abc.MetaPathFinder):
+    def __init__(self):
+        self.patches = {}  # module name -> (around, after)
+
+    def find_spec(self, fullname, path, target=None):
+        if fullname not in self.patches:
+            return None
+        for finder in sys.meta_path:
+            if finder is self or not hasattr(finder, "find_spec"):
+                continue
+            spec = finder.find_spec(fullname, path, target)
+            if spec is not None:
+                break
+        else:
+            return None
+        if spec.loader is not None:
+            around, after = self.patches[fullname]
+            spec.loader = _PatchingLoader(spec.loader, around, after)
+        return spec
+
+
+_finder = _PatchingFinder()
+
+
+def _patch_module(name, around=None, after=None):
+    """Apply (around, after) to ``name`` when it is imported, or now if it already was."""
+    around = around or (lambda m: contextlib.nullcontext())
+    after = after or (lambda m: None)
+    if name in sys.modules:
+        mod = sys.modules[name]
+        with around(mod):
+            pass
+        after(mod)
+        # a module already imported has executed; 'around' fixes cannot reach it
+        return
+    _finder.patches[name] = (around, after)
+    if _finder not in sys.meta_path:
+        sys.meta_path.insert(0, _finder)
+
+
+@contextlib.contextmanager
+def _temporary_module(name, module):
+    """Make ``import name`` return ``module`` while the block runs, then forget it."""
+    saved = sys.modules.get(name)
+    sys.modules[name] = module
+    try:
+        yield
+    finally:
+        if saved is None:
+            sys.modules.pop(name, None)
+        else:
+            sys.modules[name] = saved
+
+
+@contextlib.contextmanager
+def _missing_ops_during_import(module):
+    import detectron2
+
+    had_attr = hasattr(detectron2, "_C")
+    stub = _MissingOps("detectron2._C")
+    detectron2._C = stub
+    try:
+        with _temporary_module("detectron2._C", stub):
+            yield
+    finally:
+        if not had_attr:
+            del detectron2._C
+
+
+def _use_pycocotools_coco_eval(module):
+    # COCOEvaluator's default fast path (COCOeval_opt) runs on the compiled op; pycocotools' COCOeval
+    # computes the same numbers in Python.
+    from pycocotools.cocoeval import COCOeval
+
+    module.COCOeval_opt = COCOeval
+
+
+def _numpy_pickle_globals():
+    """What a pickled NumPy array or scalar references: reconstructors, ndarray, dtypes."""
+    core = getattr(np, "_core", None) or np.core
+    names = [core.multiarray._reconstruct, core.multiarray.scalar, np.ndarray, np.dtype]
+    names += [getattr(np.dtypes, n) for n in dir(np.dtypes) if n.endswith("DType")]
+    return names
+
+
+def _checkpoints_with_numpy(module):
+    # detectron2/fvcore checkpoints often hold NumPy arrays (Caffe2 conversions, MoCo-style converters);
+    # torch>=2.6's weights_only loading rejects them. Allow NumPy data, and only NumPy data, while
+    # DetectionCheckpointer reads a file.
+    import torch
+
+    cls = module.DetectionCheckpointer
+    original = cls._load_file
+    allowed = _numpy_pickle_globals()
+
+    def _load_file(self, filename):
+        with torch.serialization.safe_globals(allowed):
+            return original(self, filename)
+
+    cls._load_file = _load_file
+
+
+# ---------------------------------------------------------------------------------------------------
+def _pillow_linear():
+    from PIL import Image
+
+    if not hasattr(Image, "LINEAR"):
+        # Pillow 10 removed Image.LINEAR; detectron2's ExtentTransform uses it as a default argument.
+        Image.LINEAR = Image.BILINEAR
+        APPLIED["pillow_linear"] = "Pillow>=10 removed Image.LINEAR (alias of BILINEAR)"
+
+
+def _numpy_aliases():
+    if all(k in np.__dict__ for k in _REMOVED_NUMPY_ALIASES):
+        return
+    view = _numpy_with_removed_aliases()
+    for name in _NUMPY_ALIAS_USERS:
+        _patch_module(name, after=lambda m: setattr(m, "np", view))
+    APPLIED["numpy_aliases"] = "NumPy>=1.24 removed np.int/np.float/np.str (and 1.24-1.26 np.bool)"
+
+
+def _pkg_resources():
+    try:
+        import pkg_resources  # noqa: F401
+    except ImportError:
+        shim = _PkgResourcesShim("pkg_resources")
+        _patch_module(
+            "detectron2.model_zoo.model_zoo",
+            around=lambda m: _temporary_module("pkg_resources", shim),
+        )
+        APPLIED["pkg_resources"] = "setuptools>=81 dropped pkg_resources (model_zoo config lookup)"
+
+
+def _compiled_ops():
+    if has_compiled_ops():
+        return
+    for name in _COMPILED_OP_USERS:
+        _patch_module(name, around=_missing_ops_during_import)
+    _patch_module("detectron2.evaluation.coco_evaluation", after=_use_pycocotools_coco_eval)
+    APPLIED["compiled_ops"] = "detectron2 installed without detectron2._C (Python-only tree)"
+
+
+def _torch_load_weights_only():
+    import torch
+
+    if tuple(int(x) for x in torch.__version__.split(".")[:2]) < (2, 6):
+        return
+    _patch_module("detectron2.checkpoint.detection_checkpoint", after=_checkpoints_with_numpy)
+    APPLIED["torch_load_numpy"] = "torch>=2.6 loads weights_only; detectron2 checkpoints hold NumPy"
+
+
+_ADAPTATIONS = {
+    "pillow_linear": _pillow_linear,
+    "numpy_aliases": _numpy_aliases,
+    "pkg_resources": _pkg_resources,
+    "compiled_ops": _compiled_ops,
+    "torch_load_numpy": _torch_load_weights_only,
+}
+_done = False
+
+
+def apply():
+    """Apply every adaptation the installed libraries need. Idempotent.
+
+    ``RESIM_D2_NO_COMPAT`` (comma-separated names from ``_ADAPTATIONS``, or ``all``) turns
+    adaptations off, for debugging and for the tests that show what each one prevents.
+    """
+    global _done
+    if _done:
+        return
+    off = {x.strip() for x in os.environ.get("RESIM_D2_NO_COMPAT", "").split(",") if x.strip()}
+    for name, adapt in _ADAPTATIONS.items():
+        if name not in off and "all" not in off:
+            adapt()
+    _done = True

@@ -1,0 +1,119 @@
+"""Config keys that resim_d2 adds to detectron2's defaults, and where its config files live."""
+import os
+
+from detectron2.config import CfgNode as CN
+
+_CONFIG_ROOTS = (
+    # a source checkout: <repo>/configs
+    os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs"),
+    # an installed package: resim_d2/configs (package data)
+    os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs"),
+)
+
+
+def get_config_file(name: str) -> str:
+    """Path of a config shipped with resim_d2, e.g. ``get_config_file("pretrain/demo.yaml")``."""
+    for root in _CONFIG_ROOTS:
+        path = os.path.join(root, name)
+        if os.path.isfile(path):
+            return path
+    raise FileNotFoundError(f"no config '{name}' under {' or '.join(_CONFIG_ROOTS)}")
+
+
+def add_resim_config(cfg):
+    """Add every resim_d2 key to a detectron2 config, in place, with its default. Returns cfg."""
+    _C = cfg
+    _C.RESIM = CN()
+    # Evaluator built by tools/train_net.py; "" lets the test dataset's metadata evaluator_type decide.
+    _C.RESIM.EVALUATOR = ""
+
+    # ---------------------------------------------------------------- two views (paper §3.3)
+    _C.RESIM.VIEWS = CN()
+    # Side of each square view, pixels.
+    _C.RESIM.VIEWS.SIZE = 224
+    # RandomResizedCrop area fraction range of the (flipped) original image.
+    _C.RESIM.VIEWS.SCALE = (0.2, 1.0)
+    # RandomResizedCrop aspect-ratio (w/h) range, sampled log-uniformly.
+    _C.RESIM.VIEWS.RATIO = (3.0 / 4.0, 4.0 / 3.0)
+    # Probability that the image (hence both views) is flipped horizontally; one draw per image.
+    _C.RESIM.VIEWS.FLIP_PROB = 0.5
+    # MoCo-v2 colour jitter strengths: brightness, contrast, saturation, hue.
+    _C.RESIM.VIEWS.COLOR_JITTER = (0.4, 0.4, 0.4, 0.1)
+    # Probability of applying the colour jitter to a view.
+    _C.RESIM.VIEWS.COLOR_JITTER_PROB = 0.8
+    # Probability of converting a view to grayscale (kept 3-channel).
+    _C.RESIM.VIEWS.GRAYSCALE_PROB = 0.2
+    # Gaussian-blur sigma range, pixels of the view.
+    _C.RESIM.VIEWS.BLUR_SIGMA = (0.1, 2.0)
+    # Probability of blurring a view.
+    _C.RESIM.VIEWS.BLUR_PROB = 0.5
+    # Window placement: "grid" (anchored at the query view's origin, as the released code) or
+    # "overlap" (slid over the query/key overlap box, the paper's wording).
+    _C.RESIM.VIEWS.WINDOW_PLACEMENT = "grid"
+    # Where the views are made: "cpu" (dataloader workers, the reference) or "gpu" (batched on device).
+    _C.RESIM.VIEWS.BACKEND = "cpu"
+
+    # ---------------------------------------------------------------- region branch (§3.3-3.4, A.1)
+    _C.RESIM.REGION = CN()
+    # Whether the region branch exists; False gives the MoCo-v2 / SimSiam baselines.
+    _C.RESIM.REGION.ENABLED = True
+    # Feature maps the region loss uses: ["res4"] for ReSim-C4, ["p3", "p4"] for ReSim-FPN.
+    _C.RESIM.REGION.IN_FEATURES = ["res4"]
+    # Sliding-window side per feature, in view pixels (C4/P4 48, P3 32).
+    _C.RESIM.REGION.WINDOW_SIZES = [48]
+    # Sliding-window stride per feature, in view pixels (C4/P4 32, P3 24).
+    _C.RESIM.REGION.WINDOW_STRIDES = [32]
+    # Region-loss weight per feature.
+    _C.RESIM.REGION.LOSS_WEIGHTS = [1.0]
+    # Average-pool kernel that turns key maps into negatives, per feature (3 = 48/16 on C4/P4).
+    _C.RESIM.REGION.NEG_POOL_KERNELS = [3]
+    # Whether negatives of a feature are gathered from all GPUs (released code: C4/P4 yes, P3 no).
+    _C.RESIM.REGION.GATHER_NEGATIVES = [True]
+    # Region feature extractor: "PrRoIPool" (paper) or "ROIAlign" (ablation, §4.1).
+    _C.RESIM.REGION.POOLER_TYPE = "PrRoIPool"
+    # Region projection: "conv" (two 3x3 convs, BN+ReLU after the first; paper) or "none" (raw maps,
+    # released code).
+    _C.RESIM.REGION.HEAD = "conv"
+    # Output channels of the region projection.
+    _C.RESIM.REGION.HEAD_DIM = 128
+    # InfoNCE temperature of the region loss.
+    _C.RESIM.REGION.TEMPERATURE = 0.2
+
+    # ---------------------------------------------------------------- global branch
+    _C.RESIM.GLOBAL = CN()
+    # Instance-discrimination framework: "moco" (MoCo-v2) or "simsiam".
+    _C.RESIM.GLOBAL.FRAMEWORK = "moco"
+    # Weight λ of the global loss in the total loss.
+    _C.RESIM.GLOBAL.LOSS_WEIGHT = 1.0
+    # Feature the global branch pools (C5).
+    _C.RESIM.GLOBAL.IN_FEATURE = "res5"
+
+    _C.RESIM.MOCO = CN()
+    # Hidden width of the MoCo-v2 projection MLP.
+    _C.RESIM.MOCO.MLP_DIM = 2048
+    # Output width of the projection MLP.
+    _C.RESIM.MOCO.DIM = 128
+    # Negative queue length (65,536 for IN-1K, 16,384 for IN-100).
+    _C.RESIM.MOCO.QUEUE_SIZE = 65536
+    # Key-encoder momentum.
+    _C.RESIM.MOCO.MOMENTUM = 0.999
+    # InfoNCE temperature of the global loss.
+    _C.RESIM.MOCO.TEMPERATURE = 0.2
+    # Batch-norm decorrelation of keys across GPUs: "shuffle" (MoCo's shuffle-BN) or "sync".
+    _C.RESIM.MOCO.BN = "shuffle"
+
+    _C.RESIM.SIMSIAM = CN()
+    # Projection MLP width (3 layers, all this wide; paper Table 7 / SimSiam).
+    _C.RESIM.SIMSIAM.PROJ_DIM = 2048
+    # Prediction MLP bottleneck width.
+    _C.RESIM.SIMSIAM.PRED_HIDDEN_DIM = 512
+
+    # ---------------------------------------------------------------- speed
+    _C.RESIM.SPEED = CN()
+    # Autocast dtype for the forward pass: "" (fp32), "bfloat16" or "float16".
+    _C.RESIM.SPEED.AMP_DTYPE = ""
+    # Channels-last memory format for the encoders.
+    _C.RESIM.SPEED.CHANNELS_LAST = False
+    # torch.compile the encoders.
+    _C.RESIM.SPEED.COMPILE = False
+    return cfg

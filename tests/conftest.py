@@ -1,0 +1,42 @@
+"""Shared fixtures: small synthetic datasets in the real VOC and COCO formats, registered once."""
+import os
+
+import pytest
+import torch
+
+import resim_d2  # noqa: F401  (applies detectron2 compat before any detectron2 submodule import)
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(scope="session")
+def synthetic_voc(tmp_path_factory):
+    """(train_name, test_name, root) of a 2007-style VOC dataset with 3 classes, registered."""
+    from detectron2.data import DatasetCatalog
+    from detectron2.data.datasets import register_pascal_voc
+
+    from resim_d2.utils.synthetic_detection import CLASS_NAMES, write_voc
+
+    root = write_voc(str(tmp_path_factory.mktemp("voc")), {"trainval": 6, "test": 4}, seed=1)
+    names = ("test_syn_voc_trainval", "test_syn_voc_test")
+    for name, split in zip(names, ("trainval", "test")):
+        if name not in DatasetCatalog.list():
+            register_pascal_voc(name, root, split, 2007, CLASS_NAMES)
+    return names[0], names[1], root
+
+
+@pytest.fixture(scope="session")
+def synthetic_coco(tmp_path_factory):
+    """(name, json_path, image_dir) of a COCO-format instances dataset with polygon masks."""
+    from detectron2.data import DatasetCatalog
+    from detectron2.data.datasets import register_coco_instances
+
+    from resim_d2.utils.synthetic_detection import write_coco
+
+    root = str(tmp_path_factory.mktemp("coco"))
+    image_dir = os.path.join(root, "images")
+    json_path = write_coco(image_dir, os.path.join(root, "instances.json"), 6, seed=2)
+    name = "test_syn_coco"
+    if name not in DatasetCatalog.list():
+        register_coco_instances(name, {}, json_path, image_dir)
+    return name, json_path, image_dir

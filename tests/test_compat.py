@@ -1,0 +1,146 @@
+"""Each detectron2 v0.6 adaptation in resim_d2.compat: the failure it prevents, and that it works.
+
+The "without" half runs detectron2 in a fresh interpreter with that one adaptation turned off
+(RESIM_D2_NO_COMPAT=<name>) and expects the original breakage; it is skipped where the installed library does not need the adaptation.
+"""
+import argparse
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+
+from resim_d2 import compat
+
+
+def _run_without(adaptation, code):
+    env = dict(os.environ, RESIM_D2_NO_COMPAT=adaptation)
+    return subprocess.run(
+        [sys.executable, "-c", "import resim_d2\n" + textwrap.dedent(code)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def _needs(key):
+    if key not in compat.APPLIED:
+        pytest.skip(f"installed libraries do not need the '{key}' adaptation")
+
+
+def test_pillow_linear():
+    _needs("pillow_linear")
+    bad = _run_without("pillow_linear", "import detectron2.data.transforms")
+    assert bad.returncode != 0 and "LINEAR" in bad.stderr
+    from PIL import Image
+
+    from detectron2.data.transforms import ExtentTransform
+
+    assert Image.LINEAR == Image.BILINEAR
+    t = ExtentTransform(src_rect=(0, 0, 4, 4), output_size=(2, 2))
+    out = t.apply_image(np.arange(16, dtype=np.uint8).reshape(4, 4))
+    assert out.shape == (2, 2)
+
+
+def test_numpy_aliases_scoped_to_detectron2(synthetic_voc):
+    _needs("numpy_aliases")
+    bad = _run_without(
+        "numpy_aliases",
+        """
+        from detectron2.data.build import print_instances_class_histogram
+        print_instances_class_histogram([{"annotations": [{"category_id": 0}]}], ["a"])
+        """
+    )
+    assert bad.returncode != 0 and "numpy" in bad.stderr and "attribute" in bad.stderr
+    from detectron2.data.build import print_instances_class_histogram
+    from detectron2.data.datasets.pascal_voc import load_voc_instances
+    from detectron2.structures.masks import polygons_to_bitmask
+
+    print_instances_class_histogram([{"annotations": [{"category_id": 0}]}], ["a"])
+    _, _, root = synthetic_voc
+    from resim_d2.utils.synthetic_detection import CLASS_NAMES
+
+    dicts = load_voc_instances(root, "test", CLASS_NAMES)  # uses np.str
+    assert len(dicts) == 4 and all(d["annotations"] for d in dicts)
+    mask = polygons_to_bitmask([np.array([0, 0, 4, 0, 4, 4, 0, 4], dtype=float)], 6, 6)
+    assert mask.dtype == bool and mask.sum() == 16  # pycocotools rasterises the 4x4 square
+    # the global numpy module is untouched
+    assert "int" not in np.__dict__ and "float" not in np.__dict__
+
+
+def test_pkg_resources_shim_is_not_global():
+    _needs("pkg_resources")
+    bad = _run_without("pkg_resources", "import detectron2.model_zoo")
+    assert bad.returncode != 0 and "pkg_resources" in bad.stderr
+    from detectron2 import model_zoo
+
+    path = model_zoo.get_config_file("COCO-Detection/faster_rcnn_R_50_C4_1x.yaml")
+    assert os.path.isfile(path)
+    assert "pkg_resources" not in sys.modules
+
+
+def test_missing_compiled_ops_raise_clear_errors():
+    _needs("compiled_ops")
+    bad = _run_without("compiled_ops", "import detectron2.layers")
+    assert bad.returncode != 0 and "_C" in bad.stderr
+    from detectron2.layers import DeformConv
+    from detectron2.layers.rotated_boxes import pairwise_iou_rotated
+
+    from detectron2.layers import deform_conv
+
+    # On CPU detectron2 runs deformable conv forward through torchvision; the compiled (CUDA) path
+    # and everything rotated needs detectron2._C and must say so when chosen.
+    conv = DeformConv(4, 4, 3, padding=1)
+    x, offset = torch.zeros(1, 4, 5, 5), torch.zeros(1, 18, 5, 5)
+    assert conv(x, offset).shape == (1, 4, 5, 5)
+    with pytest.raises(compat.MissingCompiledOpError, match="deform_conv_forward.*build detectron2"):
+        deform_conv._C.deform_conv_forward
+    boxes = torch.tensor([[5.0, 5.0, 4.0, 4.0, 0.0]])
+    with pytest.raises(compat.MissingCompiledOpError, match="box_iou_rotated"):
+        pairwise_iou_rotated(boxes, boxes)
+    # the stand-in is not visible as detectron2._C: environment reports stay truthful
+    from detectron2.utils.collect_env import collect_env_info
+
+    assert "not built correctly" in collect_env_info()
+    assert "detectron2._C" not in sys.modules
+
+
+def test_coco_evaluator_default_uses_pycocotools():
+    _needs("compiled_ops")
+    from pycocotools.cocoeval import COCOeval
+
+    from detectron2.evaluation import coco_evaluation
+
+    assert coco_evaluation.COCOeval_opt is COCOeval
+
+
+def test_torch_load_numpy_checkpoint(tmp_path):
+    _needs("torch_load_numpy")
+    path = str(tmp_path / "np.pth")
+    weight = np.arange(6, dtype=np.float32).reshape(3, 2)
+    torch.save({"model": {"weight": weight, "bias": np.zeros(3, np.float32)}}, path)
+    code = f"""
+        import torch
+        from detectron2.checkpoint import DetectionCheckpointer
+        DetectionCheckpointer(torch.nn.Linear(2, 3)).load({path!r})
+        """
+    bad = _run_without("torch_load_numpy", code)
+    assert bad.returncode != 0 and "weights_only" in bad.stderr.replace("Weights only", "weights_only")
+    from detectron2.checkpoint import DetectionCheckpointer
+
+    model = torch.nn.Linear(2, 3)
+    DetectionCheckpointer(model).load(path)
+    assert torch.equal(model.weight.detach(), torch.from_numpy(weight))
+    # other objects are still refused (argparse.Namespace, as old MoCo checkpoints carry)
+    torch.save({"model": {}, "args": argparse.Namespace(lr=0.03)}, path)
+    with pytest.raises(Exception, match="(?i)weights.only"):
+        DetectionCheckpointer(torch.nn.Linear(2, 3)).load(path)
+
+
+def test_apply_records_why():
+    for key, why in compat.APPLIED.items():
+        assert why and len(why) < 100, key

@@ -1,0 +1,59 @@
+#!/usr/bin/env python
+"""Train or evaluate with resim_d2: ReSim pre-training and detectron2 fine-tuning, one entry point.
+
+    # pre-train (8 GPUs on one machine)
+    python tools/train_net.py --num-gpus 8 --config-file configs/pretrain/resim_c4_in1k_200ep.yaml
+    # fine-tune and evaluate a detector from a converted checkpoint
+    python tools/train_net.py --num-gpus 8 --config-file configs/finetune/voc_R50_C4_24k.yaml \
+        MODEL.WEIGHTS output/resim_c4_d2.pkl
+    python tools/train_net.py --eval-only --config-file ... MODEL.WEIGHTS model_final.pth
+
+Multi-machine: add --num-machines N --machine-rank R --dist-url tcp://HOST:PORT, as in detectron2.
+"""
+import resim_d2  # noqa: F401  (first: adapts detectron2 to the installed libraries, registers ours)
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.config import get_cfg
+from detectron2.engine import default_argument_parser, default_setup, launch
+from detectron2.evaluation import verify_results
+from resim_d2.config import add_resim_config
+from resim_d2.engine import Trainer
+
+
+def setup(args):
+    """Config from file and command line, frozen; output folder, logging and seed set up."""
+    cfg = get_cfg()
+    add_resim_config(cfg)
+    cfg.merge_from_file(args.config_file)
+    cfg.merge_from_list(args.opts)
+    cfg.freeze()
+    default_setup(cfg, args)
+    return cfg
+
+
+def main(args):
+    cfg = setup(args)
+    if args.eval_only:
+        model = Trainer.build_model(cfg)
+        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
+            cfg.MODEL.WEIGHTS, resume=args.resume
+        )
+        res = Trainer.test(cfg, model)
+        if res and cfg.TEST.EXPECTED_RESULTS:
+            verify_results(cfg, res)
+        return res
+    trainer = Trainer(cfg)
+    trainer.resume_or_load(resume=args.resume)
+    return trainer.train()
+
+
+if __name__ == "__main__":
+    args = default_argument_parser().parse_args()
+    print("Command Line Args:", args)
+    launch(
+        main,
+        args.num_gpus,
+        num_machines=args.num_machines,
+        machine_rank=args.machine_rank,
+        dist_url=args.dist_url,
+        args=(args,),
+    )
