@@ -4,6 +4,7 @@
 detectron2 itself is not listed in install_requires: PyPI serves no official detectron2 distribution.
 Use a detectron2 you built, or `python tools/install_detectron2.py` (what `bash run.sh` does).
 """
+
 from setuptools import find_packages, setup
 
 setup(
@@ -17,7 +18,10 @@ setup(
     packages=find_packages(include=["resim_d2", "resim_d2.*"]) + ["resim_d2.configs"],
     # The config tree lives at the top level (configs/) and ships inside the package.
     package_dir={"resim_d2.configs": "configs"},
-    package_data={"resim_d2.configs": ["*.yaml", "*/*.yaml", "*/*/*.yaml"]},
+    package_data={
+        "resim_d2.configs": ["*.yaml", "*/*.yaml", "*/*/*.yaml"],
+        "resim_d2.data": ["imagenet100.txt"],  # the IN-100 class list (CMC split)
+    },
     install_requires=[
         "torch>=2.1",
         "torchvision>=0.16",

@@ -1,7 +1,8 @@
 """The single place that adapts detectron2 v0.6 to today's torch, NumPy, Pillow and setuptools.
 
-detectron2 v0.6 (2021) predates Pillow 10, NumPy 1.24/2.x, setuptools without ``pkg_resources`` and
-installs without its compiled ops (``detectron2._C``). Each adaptation below is applied only when the
+detectron2 v0.6 (2021) predates Pillow 10, NumPy 1.24/2.x, setuptools without ``pkg_resources``,
+torch 2.6's ``weights_only`` loading and Python 3.11, and installs here without its compiled ops
+(``detectron2._C``). Each adaptation below is applied only when the
 installed library needs it, touches as little as it can (the NumPy and ``pkg_resources`` fixes are
 scoped to the detectron2 modules that need them, through an import hook), and is recorded in
 :data:`APPLIED` so tests and logs can say what was done. A detectron2 built from source with its
@@ -9,12 +10,14 @@ compiled ops on a library stack it supports gets none of them.
 
 Call :func:`apply` before importing detectron2 submodules; ``import resim_d2`` does it.
 """
+
 import contextlib
 import importlib.abc
 import importlib.machinery
 import importlib.resources
 import importlib.util
 import os
+import random
 import sys
 import types
 
@@ -214,6 +217,29 @@ def _checkpoints_with_numpy(module):
     cls._load_file = _load_file
 
 
+class _SetSamplingRandom(random.Random):
+    """random.Random whose sample() still accepts a set, as before Python 3.11 (in sorted order,
+    so the draw is reproducible)."""
+
+    def sample(self, population, k, **kwargs):
+        if isinstance(population, (set, frozenset)):
+            population = sorted(population)
+        return super().sample(population, k, **kwargs)
+
+
+def _map_dataset_retry(module):
+    # MapDataset retries a failed record with self._rng.sample(set_of_indices, k=1); Python 3.11
+    # removed sampling from sets, so the first mapper returning None raised TypeError.
+    cls = module.MapDataset
+    original = cls.__init__
+
+    def __init__(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        self._rng = _SetSamplingRandom(42)
+
+    cls.__init__ = __init__
+
+
 # ---------------------------------------------------------------------------------------------------
 def _pillow_linear():
     from PIL import Image
@@ -254,6 +280,13 @@ def _compiled_ops():
     APPLIED["compiled_ops"] = "detectron2 installed without detectron2._C (Python-only tree)"
 
 
+def _python_set_sampling():
+    if sys.version_info < (3, 11):
+        return
+    _patch_module("detectron2.data.common", after=_map_dataset_retry)
+    APPLIED["set_sampling"] = "Python>=3.11 random.sample() refuses sets (MapDataset retry)"
+
+
 def _torch_load_weights_only():
     import torch
 
@@ -269,6 +302,7 @@ _ADAPTATIONS = {
     "pkg_resources": _pkg_resources,
     "compiled_ops": _compiled_ops,
     "torch_load_numpy": _torch_load_weights_only,
+    "set_sampling": _python_set_sampling,
 }
 _done = False
 

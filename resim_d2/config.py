@@ -1,4 +1,5 @@
 """Config keys that resim_d2 adds to detectron2's defaults, and where its config files live."""
+
 import os
 
 from detectron2.config import CfgNode as CN
@@ -50,6 +51,8 @@ def add_resim_config(cfg):
     # Window placement: "grid" (anchored at the query view's origin, as the released code) or
     # "overlap" (slid over the query/key overlap box, the paper's wording).
     _C.RESIM.VIEWS.WINDOW_PLACEMENT = "grid"
+    # Unusable records in a row (per dataloader worker) that stop the run: the dataset is unreadable.
+    _C.RESIM.VIEWS.MAX_CONSECUTIVE_SKIPS = 100
     # Where the views are made: "cpu" (dataloader workers, the reference) or "gpu" (batched on device).
     _C.RESIM.VIEWS.BACKEND = "cpu"
 
@@ -107,6 +110,20 @@ def add_resim_config(cfg):
     _C.RESIM.SIMSIAM.PROJ_DIM = 2048
     # Prediction MLP bottleneck width.
     _C.RESIM.SIMSIAM.PRED_HIDDEN_DIM = 512
+
+    # ---------------------------------------------------------------- pre-training schedule
+    _C.RESIM.SCHEDULE = CN()
+    # Epochs over DATASETS.TRAIN; > 0 sets SOLVER.MAX_ITER = ceil(EPOCHS * images / IMS_PER_BATCH).
+    _C.RESIM.SCHEDULE.EPOCHS = 0.0
+    # Learning rate per 256 images; > 0 sets SOLVER.BASE_LR = LR_PER_256 * IMS_PER_BATCH / 256.
+    _C.RESIM.SCHEDULE.LR_PER_256 = 0.0
+
+    # ---------------------------------------------------------------- feature-quality evaluation
+    _C.RESIM.EVAL = CN()
+    # Images per inference batch of the region-correspondence evaluation (DATASETS.TEST).
+    _C.RESIM.EVAL.IMS_PER_BATCH = 16
+    # Images whose key windows compete as candidates for each query window.
+    _C.RESIM.EVAL.GROUP_SIZE = 64
 
     # ---------------------------------------------------------------- speed
     _C.RESIM.SPEED = CN()

@@ -3,6 +3,7 @@
 The "without" half runs detectron2 in a fresh interpreter with that one adaptation turned off
 (RESIM_D2_NO_COMPAT=<name>) and expects the original breakage; it is skipped where the installed library does not need the adaptation.
 """
+
 import argparse
 import os
 import subprocess
@@ -53,7 +54,7 @@ def test_numpy_aliases_scoped_to_detectron2(synthetic_voc):
         """
         from detectron2.data.build import print_instances_class_histogram
         print_instances_class_histogram([{"annotations": [{"category_id": 0}]}], ["a"])
-        """
+        """,
     )
     assert bad.returncode != 0 and "numpy" in bad.stderr and "attribute" in bad.stderr
     from detectron2.data.build import print_instances_class_histogram
@@ -87,17 +88,17 @@ def test_missing_compiled_ops_raise_clear_errors():
     _needs("compiled_ops")
     bad = _run_without("compiled_ops", "import detectron2.layers")
     assert bad.returncode != 0 and "_C" in bad.stderr
-    from detectron2.layers import DeformConv
+    from detectron2.layers import DeformConv, deform_conv
     from detectron2.layers.rotated_boxes import pairwise_iou_rotated
-
-    from detectron2.layers import deform_conv
 
     # On CPU detectron2 runs deformable conv forward through torchvision; the compiled (CUDA) path
     # and everything rotated needs detectron2._C and must say so when chosen.
     conv = DeformConv(4, 4, 3, padding=1)
     x, offset = torch.zeros(1, 4, 5, 5), torch.zeros(1, 18, 5, 5)
     assert conv(x, offset).shape == (1, 4, 5, 5)
-    with pytest.raises(compat.MissingCompiledOpError, match="deform_conv_forward.*build detectron2"):
+    with pytest.raises(
+        compat.MissingCompiledOpError, match="deform_conv_forward.*build detectron2"
+    ):
         deform_conv._C.deform_conv_forward
     boxes = torch.tensor([[5.0, 5.0, 4.0, 4.0, 0.0]])
     with pytest.raises(compat.MissingCompiledOpError, match="box_iou_rotated"):
@@ -111,9 +112,8 @@ def test_missing_compiled_ops_raise_clear_errors():
 
 def test_coco_evaluator_default_uses_pycocotools():
     _needs("compiled_ops")
-    from pycocotools.cocoeval import COCOeval
-
     from detectron2.evaluation import coco_evaluation
+    from pycocotools.cocoeval import COCOeval
 
     assert coco_evaluation.COCOeval_opt is COCOeval
 
@@ -129,7 +129,9 @@ def test_torch_load_numpy_checkpoint(tmp_path):
         DetectionCheckpointer(torch.nn.Linear(2, 3)).load({path!r})
         """
     bad = _run_without("torch_load_numpy", code)
-    assert bad.returncode != 0 and "weights_only" in bad.stderr.replace("Weights only", "weights_only")
+    assert bad.returncode != 0 and "weights_only" in bad.stderr.replace(
+        "Weights only", "weights_only"
+    )
     from detectron2.checkpoint import DetectionCheckpointer
 
     model = torch.nn.Linear(2, 3)
@@ -144,3 +146,18 @@ def test_torch_load_numpy_checkpoint(tmp_path):
 def test_apply_records_why():
     for key, why in compat.APPLIED.items():
         assert why and len(why) < 100, key
+
+
+def test_map_dataset_retries_a_failed_record():
+    _needs("set_sampling")
+    code = """
+        from detectron2.data.common import MapDataset
+        ds = MapDataset([0, 1, 2], lambda x: None if x == 0 else x)
+        print(ds[0])
+        """
+    bad = _run_without("set_sampling", code)
+    assert bad.returncode != 0 and "TypeError" in bad.stderr
+    from detectron2.data.common import MapDataset
+
+    ds = MapDataset([0, 1, 2, 3], lambda x: None if x == 0 else x * 10)
+    assert all(ds[0] in (10, 20, 30) for _ in range(5)) and ds[2] == 20

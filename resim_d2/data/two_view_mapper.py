@@ -1,0 +1,264 @@
+"""TwoViewMapper: one dataset record -> ReSim's query/key views and their matched windows."""
+
+import collections
+import logging
+import os
+import zlib
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from detectron2.config import configurable
+from detectron2.utils import comm
+
+from .color_augment import MoCoV2ColorAugment
+from .image_io import ImageLoadError, load_rgb_image
+from .view_geometry import PLACEMENTS, make_windows, sample_view_pair, windows_per_axis
+
+__all__ = ["TwoViewMapper", "render_view"]
+
+logger = logging.getLogger(__name__)
+
+
+def render_view(image: Image.Image, crop: Sequence[float], flip: bool, size: int) -> Image.Image:
+    """Resample the crop box of an image to a ``size x size`` view (bilinear, antialiased as PIL).
+
+    ``crop`` is in the frame of the image flipped horizontally when ``flip``. Rather than flipping
+    the whole image, the mirrored box is cropped from the unflipped image and the small view is
+    flipped: the same pixels, at a fraction of the cost.
+    """
+    x0, y0, x1, y1 = (float(c) for c in crop)
+    if flip:
+        x0, x1 = image.width - x1, image.width - x0
+    view = image.resize((size, size), Image.Resampling.BILINEAR, box=(x0, y0, x1, y1))
+    if flip:
+        view = view.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    return view
+
+
+def _to_uint8_chw(image: Image.Image) -> torch.Tensor:
+    """RGB PIL image (H, W) -> torch.uint8 tensor (3, H, W)."""
+    return torch.from_numpy(np.ascontiguousarray(np.asarray(image).transpose(2, 0, 1)))
+
+
+class TwoViewMapper:
+    """Map a dataset record to two augmented views of its image and the windows they share.
+
+    Input: a detectron2 dataset dict with ``"file_name"`` (and optionally ``"image_id"``).
+    Output (``S`` = view size, ``M`` = ``windows_per_axis(S, w, s) ** 2`` per feature), or ``None``
+    when the image cannot be used (logged and counted; detectron2's MapDataset then tries another
+    record):
+
+    * ``"image_q"``, ``"image_k"``: torch.uint8 (3, S, S), RGB, **not normalised** (the model
+      normalises with ``cfg.MODEL.PIXEL_MEAN/PIXEL_STD``, detectron2's idiom; uint8 moves 4x fewer
+      bytes to the device than float).
+    * ``"windows"``: ``{feature: {"boxes_q": float32 (M, 4), "boxes_k": float32 (M, 4),
+      "valid": bool (M,)}}`` keyed by ``cfg.RESIM.REGION.IN_FEATURES``; boxes ``(x0, y0, x1, y1)``
+      in query-/key-view pixels, invalid rows zero. A pair may have no valid window at all.
+    * ``"crop_q"``, ``"crop_k"``: float32 (4,) crop boxes in original pixels (in the flipped frame
+      when flipped); ``"flip"``: bool, shared by both views; ``"file_name"``; ``"image_size"``:
+      ``(h, w)`` of the original (after EXIF orientation); ``"image_id"`` when the record has one.
+    * ``"num_skipped"``: records this mapper (in this worker) skipped since its previous output; the
+      sum over all outputs is the number of skipped records, across workers.
+
+    Randomness: ``mapper(record, rng)`` with a ``numpy.random.Generator`` or an int seed is fully
+    determined by it. Without ``rng``, each process (dataloader worker) draws from its own
+    generator, seeded on first use from ``seed`` (plus rank and worker id) or else from NumPy's
+    global RNG, which detectron2 seeds per worker (``worker_init_reset_seed``) and from
+    ``cfg.SEED``. In inference mode (``is_train=False``) colour augmentation is off and the geometry
+    is seeded by the file name, so every evaluation sees the same views.
+    """
+
+    @configurable
+    def __init__(
+        self,
+        *,
+        windows: Mapping[str, tuple[int, int]],
+        view_size: int = 224,
+        scale: Sequence[float] = (0.2, 1.0),
+        ratio: Sequence[float] = (3.0 / 4.0, 4.0 / 3.0),
+        flip_prob: float = 0.5,
+        color_augment: MoCoV2ColorAugment | None = None,
+        placement: str = "grid",
+        is_train: bool = True,
+        seed: int | None = None,
+        max_consecutive_skips: int = 100,
+    ):
+        """
+        Args:
+            windows: feature name -> (window side, stride) in view pixels, e.g.
+                ``{"res4": (48, 32)}``.
+            view_size: side of both square views, pixels.
+            scale, ratio: RandomResizedCrop area-fraction and aspect-ratio ranges.
+            flip_prob: probability of flipping an image (both views).
+            color_augment: per-view colour augmentation, or None.
+            placement: window placement, ``"grid"`` or ``"overlap"`` (see view_geometry).
+            is_train: False seeds each record's geometry from its file name.
+            seed: base seed of the per-process generator (None: NumPy's global RNG seeds it).
+            max_consecutive_skips: this many unusable records in a row stop the run with an error
+                (the dataset is probably unreadable).
+        """
+        if placement not in PLACEMENTS:
+            raise ValueError(f"placement must be one of {PLACEMENTS}, got {placement!r}")
+        self.windows = {str(k): (int(w), int(s)) for k, (w, s) in windows.items()}
+        self.view_size = int(view_size)
+        self.scale = tuple(float(x) for x in scale)
+        self.ratio = tuple(float(x) for x in ratio)
+        self.flip_prob = float(flip_prob)
+        self.color_augment = color_augment
+        self.placement = placement
+        self.is_train = bool(is_train)
+        self.seed = seed
+        self.max_consecutive_skips = int(max_consecutive_skips)
+        self.num_windows = {
+            k: windows_per_axis(self.view_size, w, s) ** 2 for k, (w, s) in self.windows.items()
+        }
+        # Skip accounting (per process).
+        self.num_skipped = 0
+        self.skip_reasons = collections.Counter()
+        self._consecutive_skips = 0
+        self._pending_skips = 0
+        self._rng = None
+        self._rng_pid = None
+
+    @classmethod
+    def from_config(cls, cfg, is_train: bool = True):
+        views, region = cfg.RESIM.VIEWS, cfg.RESIM.REGION
+        windows = {}
+        if region.ENABLED:
+            if (
+                not len(region.IN_FEATURES)
+                == len(region.WINDOW_SIZES)
+                == len(region.WINDOW_STRIDES)
+            ):
+                raise ValueError(
+                    "RESIM.REGION.IN_FEATURES, WINDOW_SIZES and WINDOW_STRIDES must have the same "
+                    f"length, got {region.IN_FEATURES}, {region.WINDOW_SIZES}, "
+                    f"{region.WINDOW_STRIDES}"
+                )
+            windows = {
+                f: (w, s)
+                for f, w, s in zip(region.IN_FEATURES, region.WINDOW_SIZES, region.WINDOW_STRIDES)
+            }
+        color = None
+        if is_train:
+            color = MoCoV2ColorAugment(
+                jitter=views.COLOR_JITTER,
+                jitter_prob=views.COLOR_JITTER_PROB,
+                grayscale_prob=views.GRAYSCALE_PROB,
+                blur_sigma=views.BLUR_SIGMA,
+                blur_prob=views.BLUR_PROB,
+            )
+        return {
+            "windows": windows,
+            "view_size": views.SIZE,
+            "scale": views.SCALE,
+            "ratio": views.RATIO,
+            "flip_prob": views.FLIP_PROB,
+            "color_augment": color,
+            "placement": views.WINDOW_PLACEMENT,
+            "is_train": is_train,
+            "seed": cfg.SEED if cfg.SEED >= 0 else None,
+            "max_consecutive_skips": views.get("MAX_CONSECUTIVE_SKIPS", 100),
+        }
+
+    def __repr__(self):
+        return (
+            f"{type(self).__name__}(view_size={self.view_size}, scale={self.scale}, "
+            f"ratio={self.ratio}, flip_prob={self.flip_prob}, windows={self.windows}, "
+            f"placement={self.placement!r}, color_augment={self.color_augment}, "
+            f"is_train={self.is_train})"
+        )
+
+    # ------------------------------------------------------------------ randomness
+    def _process_rng(self) -> np.random.Generator:
+        pid = os.getpid()
+        if self._rng is None or self._rng_pid != pid:
+            info = torch.utils.data.get_worker_info()
+            worker_id = info.id if info is not None else 0
+            if self.seed is not None:
+                entropy = [int(self.seed), comm.get_rank(), worker_id]
+            else:
+                entropy = [int(np.random.randint(0, 2**31 - 1)), comm.get_rank(), worker_id]
+            self._rng = np.random.default_rng(entropy)
+            self._rng_pid = pid
+        return self._rng
+
+    def _generator(self, rng, file_name: str) -> np.random.Generator:
+        if isinstance(rng, np.random.Generator):
+            return rng
+        if rng is not None:
+            return np.random.default_rng(int(rng))
+        if not self.is_train:
+            return np.random.default_rng(zlib.crc32(file_name.encode("utf-8")))
+        return self._process_rng()
+
+    # ------------------------------------------------------------------ skipping
+    def _skip(self, file_name: str, reason: str, kind: str):
+        self.num_skipped += 1
+        self.skip_reasons[kind] += 1
+        self._consecutive_skips += 1
+        self._pending_skips += 1
+        logger.warning(
+            f"TwoViewMapper: skipping {file_name} ({reason}); {self.num_skipped} skipped so far"
+        )
+        if self._consecutive_skips >= self.max_consecutive_skips:
+            raise RuntimeError(
+                f"TwoViewMapper: {self._consecutive_skips} consecutive records could not be used; "
+                f"the last was {file_name}: {reason}. The dataset looks unreadable: check "
+                "cfg.DATASETS.TRAIN and its root ($DETECTRON2_DATASETS)."
+            )
+        return None
+
+    # ------------------------------------------------------------------ mapping
+    def __call__(self, dataset_dict: dict, rng: np.random.Generator | int | None = None):
+        """Map one record; see the class docstring. ``rng``: a Generator or int seed (optional)."""
+        file_name = dataset_dict["file_name"]
+        gen = self._generator(rng, file_name)
+        try:
+            image = load_rgb_image(file_name)
+        except ImageLoadError as e:
+            return self._skip(file_name, str(e), "unreadable")
+        try:
+            out = self.make_views(image, gen)
+        except Exception as e:  # noqa: BLE001  one odd image must not end a run
+            logger.debug("TwoViewMapper: failure on %s", file_name, exc_info=True)
+            return self._skip(file_name, f"{type(e).__name__}: {e}", "error")
+        self._consecutive_skips = 0
+        out["file_name"] = file_name
+        if "image_id" in dataset_dict:
+            out["image_id"] = dataset_dict["image_id"]
+        out["num_skipped"] = self._pending_skips
+        self._pending_skips = 0
+        return out
+
+    def make_views(self, image: Image.Image, rng: np.random.Generator) -> dict:
+        """Views and windows of an RGB PIL image (no file-name fields); see the class docstring."""
+        size = self.view_size
+        crop_q, crop_k, flip = sample_view_pair(
+            rng, (image.height, image.width), self.scale, self.ratio, self.flip_prob
+        )
+        view_q = render_view(image, crop_q, flip, size)
+        view_k = render_view(image, crop_k, flip, size)
+        if self.color_augment is not None:
+            view_q = self.color_augment(view_q, rng)
+            view_k = self.color_augment(view_k, rng)
+        windows = {}
+        for name, (w, s) in self.windows.items():
+            boxes_q, boxes_k, valid = make_windows(crop_q, crop_k, size, w, s, self.placement)
+            windows[name] = {
+                "boxes_q": torch.from_numpy(boxes_q),
+                "boxes_k": torch.from_numpy(boxes_k),
+                "valid": torch.from_numpy(valid),
+            }
+        return {
+            "image_q": _to_uint8_chw(view_q),
+            "image_k": _to_uint8_chw(view_k),
+            "windows": windows,
+            "crop_q": torch.from_numpy(crop_q.astype(np.float32)),
+            "crop_k": torch.from_numpy(crop_k.astype(np.float32)),
+            "flip": flip,
+            "image_size": (image.height, image.width),
+        }
