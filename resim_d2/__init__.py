@@ -9,8 +9,10 @@ compat.apply()
 
 from . import data  # noqa: E402,F401  (registers the pre-training datasets)
 from .config import add_resim_config, get_config_file  # noqa: E402
+from .layers.poolers import register_prroi_pooler  # noqa: E402
 from .utils.synthetic_detection import register_synthetic_voc  # noqa: E402
 
+register_prroi_pooler()  # POOLER_TYPE: "PrRoIPool" in detectron2's box/mask heads
 register_synthetic_voc()
 
 __version__ = "0.1.0"
