@@ -114,7 +114,7 @@ def add_resim_config(cfg):
     # ---------------------------------------------------------------- pre-training schedule
     _C.RESIM.SCHEDULE = CN()
     # Epochs over DATASETS.TRAIN; > 0 sets SOLVER.MAX_ITER = ceil(EPOCHS * images / IMS_PER_BATCH).
-    _C.RESIM.SCHEDULE.EPOCHS = 0.0
+    _C.RESIM.SCHEDULE.EPOCHS = 0
     # Learning rate per 256 images; > 0 sets SOLVER.BASE_LR = LR_PER_256 * IMS_PER_BATCH / 256.
     _C.RESIM.SCHEDULE.LR_PER_256 = 0.0
 
@@ -127,7 +127,7 @@ def add_resim_config(cfg):
 
     # ---------------------------------------------------------------- speed
     _C.RESIM.SPEED = CN()
-    # Autocast dtype for the forward pass: "" (fp32), "bfloat16" or "float16".
+    # Autocast dtype for the encoders and heads: "" (fp32) or "bfloat16" (losses stay fp32).
     _C.RESIM.SPEED.AMP_DTYPE = ""
     # Channels-last memory format for the encoders.
     _C.RESIM.SPEED.CHANNELS_LAST = False

@@ -10,13 +10,15 @@
 
 Multi-machine: add --num-machines N --machine-rank R --dist-url tcp://HOST:PORT, as in detectron2.
 """
+
 import resim_d2  # noqa: F401  (first: adapts detectron2 to the installed libraries, registers ours)
+from resim_d2.config import add_resim_config
+from resim_d2.engine import Trainer, is_pretraining, resolve_pretrain_schedule
+
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import get_cfg
 from detectron2.engine import default_argument_parser, default_setup, launch
 from detectron2.evaluation import verify_results
-from resim_d2.config import add_resim_config
-from resim_d2.engine import Trainer
 
 
 def setup(args):
@@ -25,6 +27,8 @@ def setup(args):
     add_resim_config(cfg)
     cfg.merge_from_file(args.config_file)
     cfg.merge_from_list(args.opts)
+    if is_pretraining(cfg):
+        resolve_pretrain_schedule(cfg)
     cfg.freeze()
     default_setup(cfg, args)
     return cfg

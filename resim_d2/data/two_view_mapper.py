@@ -127,7 +127,8 @@ class TwoViewMapper:
     def from_config(cls, cfg, is_train: bool = True):
         views, region = cfg.RESIM.VIEWS, cfg.RESIM.REGION
         windows = {}
-        if region.ENABLED:
+        # evaluation always gets windows, so a baseline without region branch can be scored too
+        if region.ENABLED or not is_train:
             if (
                 not len(region.IN_FEATURES)
                 == len(region.WINDOW_SIZES)

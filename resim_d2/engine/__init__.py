@@ -1,3 +1,4 @@
-from .trainer import Trainer
+from .hooks import ReSimMetricsHook
+from .trainer import Trainer, is_pretraining, resolve_pretrain_schedule
 
-__all__ = ["Trainer"]
+__all__ = ["Trainer", "ReSimMetricsHook", "is_pretraining", "resolve_pretrain_schedule"]

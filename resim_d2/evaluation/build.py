@@ -1,4 +1,5 @@
 """Pick a detectron2 evaluator from a dataset's ``evaluator_type`` metadata."""
+
 import os
 
 from detectron2.data import MetadataCatalog

@@ -1,0 +1,26 @@
+"""ReSim pre-training model: meta-architecture, heads, losses, region pooling, collectives.
+
+Importing this package registers :class:`ReSim` in detectron2's ``META_ARCH_REGISTRY``
+(``cfg.MODEL.META_ARCHITECTURE = "ReSim"``).
+"""
+
+from .heads import MoCoMLP, RegionProjection, SimSiamPredictor, SimSiamProjector, build_region_head
+from .losses import global_infonce, region_infonce, simsiam_loss
+from .meta_arch import ReSim, all_output_shapes, backbone_features
+from .region_pooling import pool_regions, region_negatives
+
+__all__ = [
+    "ReSim",
+    "backbone_features",
+    "all_output_shapes",
+    "MoCoMLP",
+    "SimSiamProjector",
+    "SimSiamPredictor",
+    "RegionProjection",
+    "build_region_head",
+    "region_infonce",
+    "global_infonce",
+    "simsiam_loss",
+    "pool_regions",
+    "region_negatives",
+]

@@ -1,0 +1,661 @@
+"""ReSim pre-training as a detectron2 meta-architecture (paper §3; ReSim-C4, ReSim-FPN, baselines).
+
+Input (one dict per image, from the two-view mapper)::
+
+    {"image_q": uint8 (3, S, S) RGB, "image_k": uint8 (3, S, S) RGB,
+     "windows": {feature: {"boxes_q": float32 (M, 4) x0,y0,x1,y1 in query-view pixels,
+                           "boxes_k": float32 (M, 4) in key-view pixels,
+                           "valid": bool (M,)}}}        # M fixed per feature (padded)
+
+Training output (``model.train()``): a dict of 0-dim loss tensors, all to be summed (as
+detectron2's ``SimpleTrainer`` does with every value).
+
+* ``loss_global``: the global loss (MoCo-v2 InfoNCE or SimSiam's cosine loss) times
+  ``RESIM.GLOBAL.LOSS_WEIGHT`` (λ).
+* ``loss_region_<feature>``: region InfoNCE of that feature times its ``RESIM.REGION.LOSS_WEIGHTS``
+  entry (absent for the baselines, ``RESIM.REGION.ENABLED False``).
+
+Log-only metrics are NOT in the returned dict (detectron2 v0.6 sums every returned value). Each
+training forward stores them, detached and still on the device (no host synchronisation inside the
+step), in ``model.last_metrics``: ``global/{pos_sim,neg_sim,acc_top1}`` (SimSiam adds
+``global/z_std``) and ``region_<feature>/{pos_sim,neg_sim,acc_top1,valid_per_image}``.
+:meth:`ReSim.put_metrics` writes them to detectron2's current ``EventStorage`` with one host sync;
+call it after the step, e.g. from a hook's ``after_step``.
+
+Eval output (``model.eval()``), for the region-correspondence evaluator. Both views go through the
+query backbone in eval mode; region features are the raw backbone maps (no region head)::
+
+    {"region_q": {feature: (B, M, C) L2-normalised query-window features},
+     "region_k": {feature: (B, M, C) L2-normalised key-window features},
+     "valid":    {feature: (B, M) bool},
+     "global_q": (B, C5) L2-normalised average-pooled res5 of the query view,
+     "global_k": (B, C5) the same for the key view}
+
+Raw backbone features are what transfers to detectors, and they exist for the baselines as well, so
+MoCo-v2 and ReSim are compared on the same footing.
+
+Encoder: detectron2's ``build_resnet_backbone`` (ReSim-C4; OUT_FEATURES must contain res4 and res5)
+or ``build_resnet_fpn_backbone`` (ReSim-FPN). For the FPN, :func:`backbone_features` runs
+``backbone.bottom_up`` once and then the FPN's own lateral/output convs top-down, returning both the
+bottom-up maps (res5 for the global branch) and the p-levels the region branch needs; the module
+tree is detectron2's FPN unchanged, so its state dict converts losslessly. FPN convs that
+pre-training never uses (output convs of p-levels not in REGION.IN_FEATURES, lateral convs below the
+lowest used level) are kept with ``requires_grad=False`` so DDP needs no ``find_unused_parameters``.
+
+MoCo-v2: the key encoder (``backbone_k``, ``global_head_k``, ``region_heads_k``) is a copy of the
+query side updated by momentum at the start of the key computation of every training forward
+(θk <- m θk + (1 - m) θq), never by gradient. Keys go through shuffle-BN when ``RESIM.MOCO.BN`` is
+"shuffle" and more than one process runs; "sync" relies on SyncBN norms instead. The global keys of
+the whole batch (all ranks) are enqueued after the loss.
+
+SimSiam: one encoder for both views, predictor on both, symmetric negative cosine loss with
+stop-gradient. Its region branch is the same region InfoNCE, the keys (key-view windows and
+negatives) being the same encoder's key-view maps, detached.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from detectron2.config import configurable
+from detectron2.modeling import META_ARCH_REGISTRY, build_backbone
+from detectron2.modeling.backbone import Backbone
+from detectron2.modeling.backbone.fpn import FPN
+from detectron2.utils.events import get_event_storage
+
+from . import distributed as dist_utils
+from .heads import MoCoMLP, SimSiamPredictor, SimSiamProjector, build_region_head
+from .losses import global_infonce, region_infonce, simsiam_loss
+from .region_pooling import POOLER_TYPES, pool_regions, region_negatives
+
+__all__ = ["ReSim", "backbone_features", "all_output_shapes"]
+
+logger = logging.getLogger(__name__)
+
+_AMP_DTYPES = {
+    "": None,
+    "none": None,
+    "float32": None,
+    "bfloat16": torch.bfloat16,
+    # float16 is left out on purpose: it needs a GradScaler, bfloat16 does not
+}
+_TRAINABLE_NORMS = ("BN", "SyncBN", "naiveSyncBN", "nnSyncBN", "GN")
+
+
+def all_output_shapes(backbone: Backbone) -> dict:
+    """Output shapes of the backbone, plus those of its bottom-up network for an FPN."""
+    shapes = {}
+    if isinstance(backbone, FPN):
+        shapes.update(backbone.bottom_up.output_shape())
+    shapes.update(backbone.output_shape())
+    return shapes
+
+
+def _fpn_levels(fpn: FPN) -> list[str]:
+    """The FPN's lateral/output levels in top-down order, e.g. ["p5", "p4", "p3", "p2"]."""
+    shapes = fpn.bottom_up.output_shape()
+    return [f"p{int(math.log2(shapes[f].stride))}" for f in fpn.in_features][::-1]
+
+
+def backbone_features(backbone: Backbone, x: torch.Tensor, names) -> dict:
+    """Feature maps ``names`` of ``backbone`` on ``x`` (may also return others).
+
+    For a detectron2 ``FPN`` this returns the bottom-up maps (``res2`` .. ``res5``) and the
+    requested p-levels, computed exactly as ``FPN.forward`` does but only down to the lowest
+    requested level and with output convs only for requested levels (no top block: p6 is not
+    supported). For any other backbone it is ``backbone(x)``.
+    """
+    if not isinstance(backbone, FPN):
+        return backbone(x)
+    bottom_up = backbone.bottom_up(x)
+    out = dict(bottom_up)
+    levels = _fpn_levels(backbone)
+    wanted = [n for n in names if n.startswith("p") and n not in bottom_up]
+    missing = [n for n in wanted if n not in levels]
+    if missing:
+        raise ValueError(f"FPN levels {missing} are not lateral levels of this FPN ({levels})")
+    if not wanted:
+        return out
+    lowest = max(levels.index(n) for n in wanted)
+    in_features = backbone.in_features
+    prev = backbone.lateral_convs[0](bottom_up[in_features[-1]])
+    if levels[0] in wanted:
+        out[levels[0]] = backbone.output_convs[0](prev)
+    for i in range(1, lowest + 1):
+        lateral = backbone.lateral_convs[i](bottom_up[in_features[-1 - i]])
+        top_down = F.interpolate(prev, scale_factor=2.0, mode="nearest")
+        prev = lateral + top_down
+        if backbone._fuse_type == "avg":
+            prev = prev / 2
+        if levels[i] in wanted:
+            out[levels[i]] = backbone.output_convs[i](prev)
+    return out
+
+
+def _freeze_unused_fpn(backbone: Backbone, used_levels) -> list[str]:
+    """Set requires_grad=False on FPN convs no used level depends on. Returns their module names."""
+    if not isinstance(backbone, FPN):
+        return []
+    levels = _fpn_levels(backbone)
+    used = [lv for lv in used_levels if lv in levels]
+    lowest = max((levels.index(lv) for lv in used), default=-1)
+    frozen = []
+    for i, lv in enumerate(levels):
+        stage = lv[1:]
+        pieces = []
+        if lv not in used:
+            pieces.append(f"fpn_output{stage}")
+        if i > lowest:
+            pieces.append(f"fpn_lateral{stage}")
+        for name in pieces:
+            for p in getattr(backbone, name).parameters():
+                p.requires_grad_(False)
+            frozen.append(name)
+    return frozen
+
+
+@META_ARCH_REGISTRY.register()
+class ReSim(nn.Module):
+    """ReSim pre-training model (see the module docstring for inputs, outputs and design)."""
+
+    @configurable
+    def __init__(
+        self,
+        *,
+        backbone: Backbone,
+        global_head: nn.Module,
+        region_heads: nn.ModuleDict,
+        predictor: nn.Module | None = None,
+        pixel_mean,
+        pixel_std,
+        framework: str = "moco",
+        global_in_feature: str = "res5",
+        region_enabled: bool = True,
+        region_in_features=("res4",),
+        region_loss_weights=(1.0,),
+        neg_pool_kernels=(3,),
+        gather_negatives=(True,),
+        pooler_type: str = "PrRoIPool",
+        region_temperature: float = 0.2,
+        global_loss_weight: float = 1.0,
+        moco_dim: int = 128,
+        queue_size: int = 65536,
+        momentum: float = 0.999,
+        moco_temperature: float = 0.2,
+        moco_bn: str = "shuffle",
+        amp_dtype: str = "",
+        channels_last: bool = False,
+        compile_encoders: bool = False,
+    ):
+        """
+        Args:
+            backbone: query encoder, a detectron2 Backbone (ResNet or FPN over a ResNet).
+            global_head: MoCoMLP (MoCo-v2) or SimSiamProjector (SimSiam) on the pooled global
+                feature.
+            region_heads: {feature: region head} (RegionProjection or Identity); empty for the
+                baselines.
+            predictor: SimSiam's predictor (None for MoCo-v2).
+            pixel_mean, pixel_std: per-channel input normalisation, in the 0-255 range (RGB).
+            framework: "moco" or "simsiam".
+            global_in_feature: map average-pooled for the global branch ("res5").
+            region_enabled: False gives the MoCo-v2 / SimSiam baselines.
+            region_in_features, region_loss_weights, neg_pool_kernels, gather_negatives: per region
+                feature, see ``RESIM.REGION``.
+            pooler_type: "PrRoIPool" or "ROIAlign".
+            region_temperature: τ of the region InfoNCE.
+            global_loss_weight: λ.
+            moco_dim, queue_size, momentum, moco_temperature, moco_bn: see ``RESIM.MOCO``.
+            amp_dtype: "" (fp32) or "bfloat16" autocast around encoders and heads.
+            channels_last: channels-last memory format for encoders and inputs.
+            compile_encoders: torch.compile the encoder function (backbone + heads).
+        """
+        super().__init__()
+        framework = framework.lower()
+        if framework not in ("moco", "simsiam"):
+            raise ValueError(
+                f"RESIM.GLOBAL.FRAMEWORK must be 'moco' or 'simsiam', got '{framework}'"
+            )
+        if framework == "simsiam" and predictor is None:
+            raise ValueError("SimSiam needs a predictor")
+        if pooler_type not in POOLER_TYPES:
+            raise ValueError(f"RESIM.REGION.POOLER_TYPE must be one of {POOLER_TYPES}")
+        if amp_dtype not in _AMP_DTYPES:
+            raise ValueError(f"RESIM.SPEED.AMP_DTYPE must be one of {sorted(_AMP_DTYPES)}")
+        n = len(region_in_features)
+        for name, seq in (
+            ("LOSS_WEIGHTS", region_loss_weights),
+            ("NEG_POOL_KERNELS", neg_pool_kernels),
+            ("GATHER_NEGATIVES", gather_negatives),
+        ):
+            if region_enabled and len(seq) != n:
+                raise ValueError(
+                    f"RESIM.REGION.{name} has {len(seq)} entries but IN_FEATURES has {n} "
+                    f"({list(region_in_features)})"
+                )
+        shapes = all_output_shapes(backbone)
+        used = list(region_in_features) if region_enabled else []
+        for f in used + [global_in_feature]:
+            if f not in shapes:
+                raise ValueError(
+                    f"feature '{f}' is not produced by the backbone ({sorted(shapes)})"
+                )
+        if region_enabled and set(region_heads.keys()) != set(region_in_features):
+            raise ValueError("region_heads must have one head per region feature")
+
+        self.framework = framework
+        self.backbone = backbone
+        self.global_head = global_head
+        self.region_heads = region_heads if region_enabled else nn.ModuleDict()
+        self.predictor = predictor
+        self.global_in_feature = global_in_feature
+        self.region_enabled = bool(region_enabled)
+        self.region_in_features = list(region_in_features)
+        self.region_loss_weights = {
+            f: float(w) for f, w in zip(region_in_features, region_loss_weights)
+        }
+        self.neg_pool_kernels = {f: int(k) for f, k in zip(region_in_features, neg_pool_kernels)}
+        self.gather_negatives = {f: bool(g) for f, g in zip(region_in_features, gather_negatives)}
+        self.region_strides = {f: shapes[f].stride for f in used}
+        self.feature_strides = {name: shape.stride for name, shape in shapes.items()}
+        self.pooler_type = pooler_type
+        self.region_temperature = float(region_temperature)
+        self.global_loss_weight = float(global_loss_weight)
+        self.momentum = float(momentum)
+        self.moco_temperature = float(moco_temperature)
+        self.moco_bn = moco_bn
+        self.amp_dtype = _AMP_DTYPES[amp_dtype]
+        self.channels_last = bool(channels_last)
+        self.compile_encoders = bool(compile_encoders)
+        # log-only metrics of the last training forward (see the module docstring)
+        self.last_metrics: dict[str, torch.Tensor] = {}
+        # host-side numbers about the batch (records the loader skipped, in this process)
+        self.last_data_metrics: dict[str, float] = {}
+        self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
+        self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
+
+        frozen = _freeze_unused_fpn(
+            self.backbone, self.region_in_features if self.region_enabled else []
+        )
+        if frozen:
+            logger.info(
+                "ReSim: FPN convs unused by pre-training kept frozen: %s", ", ".join(frozen)
+            )
+
+        if framework == "moco":
+            self.backbone_k = copy.deepcopy(self.backbone)
+            self.global_head_k = copy.deepcopy(self.global_head)
+            self.region_heads_k = copy.deepcopy(self.region_heads)
+            for module in (self.backbone_k, self.global_head_k, self.region_heads_k):
+                for p in module.parameters():
+                    p.requires_grad_(False)
+            self.register_buffer("queue", F.normalize(torch.randn(moco_dim, queue_size), dim=0))
+            self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
+        if self.channels_last:
+            self.to(memory_format=torch.channels_last)
+
+    @classmethod
+    def from_config(cls, cfg):
+        r = cfg.RESIM
+        rn = cfg.MODEL.RESNETS
+        if rn.NORM in ("FrozenBN", "", None) or rn.NORM not in _TRAINABLE_NORMS:
+            raise ValueError(
+                f"ReSim pre-training needs trainable norms: MODEL.RESNETS.NORM must be one of "
+                f"{_TRAINABLE_NORMS}, got '{rn.NORM}'"
+            )
+        if cfg.MODEL.BACKBONE.FREEZE_AT != 0:
+            raise ValueError(
+                "ReSim pre-training trains the whole encoder: set MODEL.BACKBONE.FREEZE_AT 0"
+            )
+        if rn.STRIDE_IN_1X1:
+            raise ValueError(
+                "ReSim uses torchvision-style ResNets (stride in the 3x3 conv): set "
+                "MODEL.RESNETS.STRIDE_IN_1X1 False"
+            )
+        framework = r.GLOBAL.FRAMEWORK.lower()
+        if framework == "moco":
+            if r.MOCO.BN not in ("shuffle", "sync"):
+                raise ValueError(f"RESIM.MOCO.BN must be 'shuffle' or 'sync', got '{r.MOCO.BN}'")
+            if r.MOCO.BN == "sync" and rn.NORM not in ("SyncBN", "naiveSyncBN", "nnSyncBN"):
+                raise ValueError(
+                    "RESIM.MOCO.BN 'sync' needs synchronised norms: set MODEL.RESNETS.NORM 'SyncBN'"
+                )
+            if r.MOCO.QUEUE_SIZE % cfg.SOLVER.IMS_PER_BATCH != 0:
+                raise ValueError(
+                    f"RESIM.MOCO.QUEUE_SIZE ({r.MOCO.QUEUE_SIZE}) must be divisible by the global "
+                    f"batch SOLVER.IMS_PER_BATCH ({cfg.SOLVER.IMS_PER_BATCH})"
+                )
+        backbone = build_backbone(cfg)
+        shapes = all_output_shapes(backbone)
+        g_feat = r.GLOBAL.IN_FEATURE
+        if g_feat not in shapes:
+            raise ValueError(
+                f"RESIM.GLOBAL.IN_FEATURE '{g_feat}' is not a backbone output ({sorted(shapes)}); "
+                "add it to MODEL.RESNETS.OUT_FEATURES"
+            )
+        g_in = shapes[g_feat].channels
+        predictor = None
+        if framework == "moco":
+            global_head = MoCoMLP(g_in, r.MOCO.MLP_DIM, r.MOCO.DIM)
+        elif framework == "simsiam":
+            global_head = SimSiamProjector(g_in, r.SIMSIAM.PROJ_DIM, rn.NORM)
+            predictor = SimSiamPredictor(r.SIMSIAM.PROJ_DIM, r.SIMSIAM.PRED_HIDDEN_DIM, rn.NORM)
+        else:
+            raise ValueError(
+                f"RESIM.GLOBAL.FRAMEWORK must be 'moco' or 'simsiam', got '{framework}'"
+            )
+        region_heads = nn.ModuleDict()
+        if r.REGION.ENABLED:
+            for f in r.REGION.IN_FEATURES:
+                if f not in shapes:
+                    raise ValueError(
+                        f"RESIM.REGION.IN_FEATURES '{f}' is not a backbone output "
+                        f"({sorted(shapes)})"
+                    )
+                region_heads[f], _ = build_region_head(
+                    r.REGION.HEAD, shapes[f].channels, r.REGION.HEAD_DIM, rn.NORM
+                )
+        return {
+            "backbone": backbone,
+            "global_head": global_head,
+            "region_heads": region_heads,
+            "predictor": predictor,
+            "pixel_mean": cfg.MODEL.PIXEL_MEAN,
+            "pixel_std": cfg.MODEL.PIXEL_STD,
+            "framework": framework,
+            "global_in_feature": g_feat,
+            "region_enabled": r.REGION.ENABLED,
+            "region_in_features": r.REGION.IN_FEATURES,
+            "region_loss_weights": r.REGION.LOSS_WEIGHTS,
+            "neg_pool_kernels": r.REGION.NEG_POOL_KERNELS,
+            "gather_negatives": r.REGION.GATHER_NEGATIVES,
+            "pooler_type": r.REGION.POOLER_TYPE,
+            "region_temperature": r.REGION.TEMPERATURE,
+            "global_loss_weight": r.GLOBAL.LOSS_WEIGHT,
+            "moco_dim": r.MOCO.DIM,
+            "queue_size": r.MOCO.QUEUE_SIZE,
+            "momentum": r.MOCO.MOMENTUM,
+            "moco_temperature": r.MOCO.TEMPERATURE,
+            "moco_bn": r.MOCO.BN,
+            "amp_dtype": r.SPEED.AMP_DTYPE,
+            "channels_last": r.SPEED.CHANNELS_LAST,
+            "compile_encoders": r.SPEED.COMPILE,
+        }
+
+    # ------------------------------------------------------------------ helpers
+    @property
+    def device(self) -> torch.device:
+        return self.pixel_mean.device
+
+    def encoder_backbone(self) -> Backbone:
+        """The encoder to convert to detectron2 detectors: the query backbone (ResNet or FPN)."""
+        return self.backbone
+
+    def put_metrics(self, storage=None) -> dict:
+        """Write :attr:`last_metrics` to ``storage`` (default: detectron2's current EventStorage).
+
+        One host synchronisation for all metrics; call it after the training step. Returns the
+        values written ({} when there is no storage or no metrics yet).
+        """
+        if not self.last_metrics:
+            return {}
+        if storage is None:
+            try:
+                storage = get_event_storage()
+            except AssertionError:  # not inside an EventStorage context
+                return {}
+        names = list(self.last_metrics)
+        values = torch.stack([self.last_metrics[n].float() for n in names]).tolist()
+        scalars = dict(zip(names, values))
+        scalars.update(self.last_data_metrics)
+        storage.put_scalars(**scalars)
+        return scalars
+
+    def _autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
+
+    def _images(self, batched_inputs, key: str) -> torch.Tensor:
+        """Stack, move and normalise one view: (B, 3, S, S) float32."""
+        x = torch.stack([torch.as_tensor(d[key]) for d in batched_inputs])
+        x = x.to(self.device, non_blocking=True).float()
+        x = (x - self.pixel_mean) / self.pixel_std
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x
+
+    def _windows(self, batched_inputs, features=None) -> dict:
+        """{feature: (boxes_q (B, M, 4), boxes_k (B, M, 4), valid (B, M) bool)}, padding zeroed."""
+        out = {}
+        for f in self.region_in_features if features is None else features:
+            ws = [d["windows"][f] for d in batched_inputs]
+
+            def stack(key, dtype, ws=ws):
+                t = torch.stack([torch.as_tensor(w[key]) for w in ws])
+                return t.to(self.device, dtype=dtype, non_blocking=True)
+
+            valid = stack("valid", torch.bool)
+            zero = torch.zeros((), device=self.device)
+            bq = torch.where(valid[..., None], stack("boxes_q", torch.float32), zero)
+            bk = torch.where(valid[..., None], stack("boxes_k", torch.float32), zero)
+            out[f] = (bq, bk, valid)
+        return out
+
+    def _needed_features(self) -> list[str]:
+        region = self.region_in_features if self.region_enabled else []
+        return list(dict.fromkeys(region + [self.global_in_feature]))
+
+    def _encode(self, backbone, global_head, region_heads, x, region_grad: bool = True):
+        """Encoder + heads on one view -> (global embedding (B, D), {feature: map (B, C, H, W)})."""
+        feats = backbone_features(backbone, x, self._needed_features())
+        g = global_head(feats[self.global_in_feature].mean(dim=(2, 3)))
+        maps = {}
+        if self.region_enabled:
+            ctx = contextlib.nullcontext() if region_grad else torch.no_grad()
+            with ctx:
+                for f in self.region_in_features:
+                    inp = feats[f] if region_grad else feats[f].detach()
+                    maps[f] = region_heads[f](inp)
+        return g, maps
+
+    def _encoder_fn(self):
+        if not self.compile_encoders:
+            return self._encode
+        fn = self.__dict__.get("_compiled_encode")
+        if fn is None:
+            fn = torch.compile(self._encode)
+            self.__dict__["_compiled_encode"] = fn
+        return fn
+
+    def __getstate__(self):
+        # the compiled encoder is a cache bound to this instance: copies and pickles rebuild it
+        state = self.__dict__.copy()
+        state.pop("_compiled_encode", None)
+        return state
+
+    def _key_pairs(self):
+        return (
+            (self.backbone, self.backbone_k),
+            (self.global_head, self.global_head_k),
+            (self.region_heads, self.region_heads_k),
+        )
+
+    @torch.no_grad()
+    def momentum_update(self):
+        """θk <- m θk + (1 - m) θq over every parameter of the key encoder and key heads."""
+        params_q, params_k = [], []
+        for mq, mk in self._key_pairs():
+            params_q.extend(mq.parameters())
+            params_k.extend(mk.parameters())
+        if not params_k:
+            return
+        torch._foreach_mul_(params_k, self.momentum)
+        torch._foreach_add_(params_k, params_q, alpha=1.0 - self.momentum)
+
+    @torch.no_grad()
+    def dequeue_and_enqueue(self, keys: torch.Tensor):
+        """Write the keys of the whole batch (all ranks, (world*B, D)) at queue_ptr (it wraps)."""
+        keys = dist_utils.concat_all_gather(keys)
+        n = keys.shape[0]
+        size = self.queue.shape[1]
+        if size % n != 0:
+            raise ValueError(
+                f"RESIM.MOCO.QUEUE_SIZE ({size}) must be divisible by the global batch size ({n})"
+            )
+        idx = (self.queue_ptr + torch.arange(n, device=keys.device)) % size
+        self.queue.index_copy_(1, idx, keys.t().to(self.queue.dtype))
+        self.queue_ptr.copy_((self.queue_ptr + n) % size)
+
+    def _region_loss(self, f, q_map, boxes_q, k_regions, negatives, valid, losses, metrics):
+        """Region InfoNCE of feature f; adds the loss to ``losses`` and its stats to ``metrics``."""
+        B = boxes_q.shape[0]
+        scale = 1.0 / self.region_strides[f]
+        q = F.normalize(pool_regions(q_map, boxes_q, scale, self.pooler_type), dim=-1)
+        validf = valid.float()
+        n_valid = validf.sum()
+        ws = dist_utils.world_size()
+        # mean over the valid windows of the global batch once DDP averages the gradients
+        denom = dist_utils.all_reduce_mean(n_valid).clamp_min(1.0 / ws)
+        loss, stats = region_infonce(
+            q.flatten(0, 1),
+            k_regions.flatten(0, 1),
+            negatives,
+            valid.flatten(),
+            self.region_temperature,
+            denom,
+        )
+        losses[f"loss_region_{f}"] = loss * self.region_loss_weights[f]
+        for name, value in stats.items():
+            metrics[f"region_{f}/{name}"] = value
+        metrics[f"region_{f}/valid_per_image"] = n_valid.detach() / B
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, batched_inputs):
+        if not self.training:
+            return self.inference(batched_inputs)
+        skipped = sum(int(d.get("num_skipped", 0)) for d in batched_inputs)
+        self.last_data_metrics = {"data/skipped_images": float(skipped)}
+        if self.framework == "moco":
+            return self._forward_moco(batched_inputs)
+        return self._forward_simsiam(batched_inputs)
+
+    def _forward_moco(self, batched_inputs):
+        x_q = self._images(batched_inputs, "image_q")
+        x_k = self._images(batched_inputs, "image_k")
+        windows = self._windows(batched_inputs) if self.region_enabled else {}
+        encode = self._encoder_fn()
+
+        with self._autocast():
+            q_vec, q_maps = encode(self.backbone, self.global_head, self.region_heads, x_q)
+        q = F.normalize(q_vec.float(), dim=1)
+
+        with torch.no_grad():
+            self.momentum_update()
+            feats = list(windows)
+            shuffle = self.moco_bn == "shuffle" and dist_utils.world_size() > 1
+            boxes_k = [windows[f][1] for f in feats]
+            if shuffle:
+                (x_k, *boxes_k), idx_unshuffle = dist_utils.batch_shuffle([x_k, *boxes_k])
+            else:
+                idx_unshuffle = None
+            with self._autocast():
+                k_vec, k_maps = encode(
+                    self.backbone_k, self.global_head_k, self.region_heads_k, x_k
+                )
+            k = dist_utils.batch_unshuffle(F.normalize(k_vec.float(), dim=1), idx_unshuffle)
+            k_regions, negatives = {}, {}
+            for f, bk in zip(feats, boxes_k):
+                k_map = k_maps[f].float()
+                kr = pool_regions(k_map, bk, 1.0 / self.region_strides[f], self.pooler_type)
+                k_regions[f] = dist_utils.batch_unshuffle(F.normalize(kr, dim=-1), idx_unshuffle)
+                if self.gather_negatives[f] or idx_unshuffle is None:
+                    # a gathered set is the same whatever the order, so no unshuffle is needed
+                    negatives[f] = region_negatives(
+                        k_map, self.neg_pool_kernels[f], self.gather_negatives[f]
+                    )
+                else:  # per-rank negatives must come from this rank's own images
+                    neg = region_negatives(k_map, self.neg_pool_kernels[f]).view(
+                        k_map.shape[0], -1, k_map.shape[1]
+                    )
+                    negatives[f] = dist_utils.batch_unshuffle(neg, idx_unshuffle).flatten(0, 1)
+
+        out = {}
+        loss_g, stats = global_infonce(q, k, self.queue.clone(), self.moco_temperature)
+        out["loss_global"] = loss_g * self.global_loss_weight
+        metrics = {f"global/{n}": v for n, v in stats.items()}
+        for f in windows:
+            bq, _, valid = windows[f]
+            self._region_loss(f, q_maps[f], bq, k_regions[f], negatives[f], valid, out, metrics)
+        self.dequeue_and_enqueue(k)
+        self.last_metrics = metrics
+        return out
+
+    def _forward_simsiam(self, batched_inputs):
+        x_q = self._images(batched_inputs, "image_q")
+        x_k = self._images(batched_inputs, "image_k")
+        windows = self._windows(batched_inputs) if self.region_enabled else {}
+        encode = self._encoder_fn()
+
+        with self._autocast():
+            z1, q_maps = encode(self.backbone, self.global_head, self.region_heads, x_q)
+            z2, k_maps = encode(
+                self.backbone, self.global_head, self.region_heads, x_k, region_grad=False
+            )
+            p1 = self.predictor(z1)
+            p2 = self.predictor(z2)
+        out = {}
+        loss_g, stats = simsiam_loss(p1.float(), p2.float(), z1.float(), z2.float())
+        out["loss_global"] = loss_g * self.global_loss_weight
+        metrics = {f"global/{n}": v for n, v in stats.items()}
+        for f in windows:
+            bq, bk, valid = windows[f]
+            with torch.no_grad():
+                k_map = k_maps[f].detach().float()
+                kr = pool_regions(k_map, bk, 1.0 / self.region_strides[f], self.pooler_type)
+                k_regions = F.normalize(kr, dim=-1)
+                negatives = region_negatives(
+                    k_map, self.neg_pool_kernels[f], self.gather_negatives[f]
+                )
+            self._region_loss(f, q_maps[f], bq, k_regions, negatives, valid, out, metrics)
+        self.last_metrics = metrics
+        return out
+
+    @torch.no_grad()
+    def inference(self, batched_inputs) -> dict:
+        """Region (and global) embeddings of both views from the query backbone; see module doc.
+
+        Every windowed feature of the inputs that the backbone produces is evaluated, whether or not
+        the region branch trained it (so the baselines can be scored too).
+        """
+        x_q = self._images(batched_inputs, "image_q")
+        x_k = self._images(batched_inputs, "image_k")
+        windowed = batched_inputs[0].get("windows", {}) if batched_inputs else {}
+        features = [f for f in windowed if f in self.feature_strides]
+        names = list(dict.fromkeys(features + [self.global_in_feature]))
+        with self._autocast():
+            fq = backbone_features(self.backbone, x_q, names)
+            fk = backbone_features(self.backbone, x_k, names)
+        out = {
+            "region_q": {},
+            "region_k": {},
+            "valid": {},
+            "global_q": F.normalize(fq[self.global_in_feature].float().mean(dim=(2, 3)), dim=1),
+            "global_k": F.normalize(fk[self.global_in_feature].float().mean(dim=(2, 3)), dim=1),
+        }
+        for f, (bq, bk, valid) in self._windows(batched_inputs, features).items():
+            scale = 1.0 / self.feature_strides[f]
+            out["region_q"][f] = F.normalize(
+                pool_regions(fq[f], bq, scale, self.pooler_type), dim=-1
+            )
+            out["region_k"][f] = F.normalize(
+                pool_regions(fk[f], bk, scale, self.pooler_type), dim=-1
+            )
+            out["valid"][f] = valid
+        return out

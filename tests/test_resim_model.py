@@ -1,0 +1,480 @@
+"""The ReSim meta-architecture on tiny ResNet-18 encoders and synthetic two-view batches (CPU)."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import resim_d2  # noqa: F401  (compat + registers ReSim)
+from resim_d2 import add_resim_config
+from resim_d2.modeling import ReSim, backbone_features
+
+from detectron2.config import get_cfg
+from detectron2.modeling import build_backbone, build_model
+from detectron2.utils.events import EventStorage
+
+S = 64  # view side used by these tests
+
+
+def tiny_cfg(arch="c4", framework="moco", region=True):
+    cfg = get_cfg()
+    add_resim_config(cfg)
+    cfg.MODEL.META_ARCHITECTURE = "ReSim"
+    cfg.MODEL.DEVICE = "cpu"
+    cfg.MODEL.PIXEL_MEAN = [123.675, 116.28, 103.53]
+    cfg.MODEL.PIXEL_STD = [58.395, 57.12, 57.375]
+    cfg.MODEL.BACKBONE.FREEZE_AT = 0
+    rn = cfg.MODEL.RESNETS
+    rn.DEPTH = 18
+    rn.RES2_OUT_CHANNELS = 64
+    rn.STRIDE_IN_1X1 = False
+    rn.NORM = "BN"
+    r = cfg.RESIM
+    if arch == "c4":
+        cfg.MODEL.BACKBONE.NAME = "build_resnet_backbone"
+        rn.OUT_FEATURES = ["res4", "res5"]
+        r.REGION.IN_FEATURES = ["res4"]
+        r.REGION.WINDOW_SIZES = [32]
+        r.REGION.WINDOW_STRIDES = [16]
+        r.REGION.LOSS_WEIGHTS = [1.0]
+        r.REGION.NEG_POOL_KERNELS = [2]
+        r.REGION.GATHER_NEGATIVES = [True]
+    else:
+        cfg.MODEL.BACKBONE.NAME = "build_resnet_fpn_backbone"
+        rn.OUT_FEATURES = ["res3", "res4", "res5"]
+        cfg.MODEL.FPN.IN_FEATURES = ["res3", "res4", "res5"]
+        cfg.MODEL.FPN.OUT_CHANNELS = 32
+        r.REGION.IN_FEATURES = ["p3", "p4"]
+        r.REGION.WINDOW_SIZES = [16, 32]
+        r.REGION.WINDOW_STRIDES = [12, 16]
+        r.REGION.LOSS_WEIGHTS = [1.0, 0.5]
+        r.REGION.NEG_POOL_KERNELS = [2, 2]
+        r.REGION.GATHER_NEGATIVES = [False, True]
+    r.REGION.ENABLED = region
+    r.REGION.HEAD_DIM = 16
+    r.GLOBAL.FRAMEWORK = framework
+    r.MOCO.MLP_DIM = 64
+    r.MOCO.DIM = 16
+    r.MOCO.QUEUE_SIZE = 32
+    r.SIMSIAM.PROJ_DIM = 64
+    r.SIMSIAM.PRED_HIDDEN_DIM = 16
+    cfg.SOLVER.IMS_PER_BATCH = 4
+    return cfg
+
+
+def make_batch(cfg, B=4, seed=0, valid=True):
+    """Two overlapping crops of a smooth random image per sample; grid windows mapped q -> k."""
+    g = torch.Generator().manual_seed(seed)
+    pad = 16
+    big = F.interpolate(
+        torch.rand(B, 3, 10, 10, generator=g),
+        size=(S + pad, S + pad),
+        mode="bilinear",
+        align_corners=False,
+    )
+    big = (big * 255).round().to(torch.uint8)
+    offs = torch.randint(0, pad + 1, (B, 2), generator=g)
+    batch = []
+    for b in range(B):
+        dx, dy = int(offs[b, 0]), int(offs[b, 1])
+        d = {
+            "image_q": big[b, :, :S, :S].clone(),
+            "image_k": big[b, :, dy : dy + S, dx : dx + S].clone(),
+            "windows": {},
+        }
+        r = cfg.RESIM.REGION
+        for f, w, s in zip(r.IN_FEATURES, r.WINDOW_SIZES, r.WINDOW_STRIDES):
+            starts = list(range(0, S - w + 1, s))
+            bq = torch.tensor(
+                [[x, y, x + w, y + w] for y in starts for x in starts], dtype=torch.float32
+            )
+            bk = bq - torch.tensor([dx, dy, dx, dy], dtype=torch.float32)
+            ok = (bk[:, 0] >= 0) & (bk[:, 1] >= 0) & (bk[:, 2] <= S) & (bk[:, 3] <= S)
+            d["windows"][f] = {"boxes_q": bq, "boxes_k": bk, "valid": ok & valid}
+        batch.append(d)
+    return batch
+
+
+def build(cfg, seed=0):
+    torch.manual_seed(seed)
+    return build_model(cfg)
+
+
+def total_loss(out):
+    assert all(k.startswith("loss") for k in out)  # detectron2's trainer sums every value
+    return sum(out.values())
+
+
+def test_c4_moco_outputs_and_no_gradient_to_keys():
+    cfg = tiny_cfg("c4")
+    model = build(cfg)
+    model.train()
+    assert isinstance(model, ReSim)
+    out = model(make_batch(cfg))
+    metrics = model.last_metrics
+    assert set(out) == {"loss_global", "loss_region_res4"}
+    for name in (
+        "global/acc_top1",
+        "global/pos_sim",
+        "global/neg_sim",
+        "region_res4/acc_top1",
+        "region_res4/pos_sim",
+        "region_res4/neg_sim",
+        "region_res4/valid_per_image",
+    ):
+        assert name in metrics and not metrics[name].requires_grad and torch.isfinite(metrics[name])
+    assert float(metrics["region_res4/valid_per_image"]) > 0
+    with EventStorage() as storage:
+        written = model.put_metrics()
+    assert set(written) == set(metrics) | {"data/skipped_images"}
+    assert written["data/skipped_images"] == 0
+    assert storage.latest()["region_res4/acc_top1"][0] == written["region_res4/acc_top1"]
+    assert model.put_metrics() == {}  # outside an EventStorage: nothing to write to
+    total_loss(out).backward()
+    for module in (model.backbone_k, model.global_head_k, model.region_heads_k):
+        for p in module.parameters():
+            assert not p.requires_grad and p.grad is None
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            assert p.grad is not None and torch.isfinite(p.grad).all(), name
+    assert any(p.grad.abs().sum() > 0 for p in model.region_heads.parameters())
+
+
+def test_momentum_update_matches_hand_computation():
+    cfg = tiny_cfg("c4")
+    cfg.RESIM.MOCO.MOMENTUM = 0.9
+    model = build(cfg)
+    model.train()
+    with torch.no_grad():  # make query and key sides differ
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.01 * torch.randn_like(p))
+    qs = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    ks = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    model(make_batch(cfg))
+    pairs = [
+        ("backbone.", "backbone_k."),
+        ("global_head.", "global_head_k."),
+        ("region_heads.", "region_heads_k."),
+    ]
+    checked = 0
+    for name, p in model.named_parameters():
+        for pq, pk in pairs:
+            if name.startswith(pk):
+                qname = pq + name[len(pk) :]
+                src = qs.get(qname)
+                if src is None:  # frozen on the query side too (unused FPN convs): unchanged
+                    continue
+                expected = 0.9 * ks[name] + (1 - 0.9) * src
+                torch.testing.assert_close(p.detach(), expected, rtol=1e-6, atol=1e-7)
+                checked += 1
+    assert checked == sum(1 for n in qs if not n.startswith("predictor"))
+    for n, p in model.named_parameters():  # the query side is untouched by the forward pass
+        if n in qs:
+            torch.testing.assert_close(p.detach(), qs[n], rtol=0, atol=0)
+
+
+def test_queue_enqueue_and_wrap():
+    cfg = tiny_cfg("c4")
+    cfg.RESIM.MOCO.QUEUE_SIZE = 8
+    model = build(cfg)
+    keys = [F.normalize(torch.randn(4, 16), dim=1) for _ in range(3)]
+    model.dequeue_and_enqueue(keys[0])
+    assert int(model.queue_ptr) == 4
+    torch.testing.assert_close(model.queue[:, :4], keys[0].t())
+    model.dequeue_and_enqueue(keys[1])
+    assert int(model.queue_ptr) == 0
+    model.dequeue_and_enqueue(keys[2])
+    assert int(model.queue_ptr) == 4
+    torch.testing.assert_close(model.queue[:, :4], keys[2].t())
+    torch.testing.assert_close(model.queue[:, 4:], keys[1].t())
+    with pytest.raises(ValueError, match="divisible"):
+        model.dequeue_and_enqueue(torch.randn(3, 16))
+    # a training forward enqueues this batch's keys
+    model.train()
+    before = model.queue.clone()
+    model(make_batch(cfg))
+    assert int(model.queue_ptr) == 0
+    assert not torch.allclose(model.queue[:, 4:], before[:, 4:])
+    torch.testing.assert_close(model.queue[:, :4], before[:, :4])
+    torch.testing.assert_close(model.queue[:, 4:].norm(dim=0), torch.ones(4))
+    bad = tiny_cfg("c4")
+    bad.RESIM.MOCO.QUEUE_SIZE = 30
+    with pytest.raises(ValueError, match="IMS_PER_BATCH"):
+        build_model(bad)
+
+
+def test_no_valid_windows_gives_finite_loss_and_grads():
+    cfg = tiny_cfg("c4")
+    model = build(cfg)
+    model.train()
+    out = model(make_batch(cfg, valid=False))
+    assert float(out["loss_region_res4"].detach()) == 0.0
+    assert float(model.last_metrics["region_res4/valid_per_image"]) == 0.0
+    loss = total_loss(out)
+    assert torch.isfinite(loss)
+    loss.backward()
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            assert p.grad is not None and torch.isfinite(p.grad).all(), name
+    for p in model.region_heads.parameters():  # reached by the graph (DDP), with zero gradient
+        assert torch.all(p.grad == 0)
+
+
+@pytest.mark.parametrize("framework", ["moco", "simsiam"])
+def test_baselines_have_no_region_branch(framework):
+    cfg = tiny_cfg("c4", framework=framework, region=False)
+    model = build(cfg)
+    model.train()
+    out = model(make_batch(cfg))
+    assert set(out) == {"loss_global"}
+    assert not any(k.startswith("region") for k in model.last_metrics)
+    assert len(model.region_heads) == 0
+    total_loss(out).backward()
+    model.eval()  # the correspondence evaluator still scores the baseline's raw res4 windows
+    assert model(make_batch(cfg, B=2))["region_q"]["res4"].shape == (2, 9, 256)
+
+
+def test_fpn_features_equal_detectron2_fpn_and_state_dict_keys():
+    cfg = tiny_cfg("fpn")
+    torch.manual_seed(0)
+    fpn = build_backbone(cfg).eval()
+    x = torch.randn(2, 3, S, S)
+    with torch.no_grad():
+        ref = fpn(x)
+        ref_bottom = fpn.bottom_up(x)
+        got = backbone_features(fpn, x, ["p3", "p4", "res5"])
+    torch.testing.assert_close(got["p3"], ref["p3"])
+    torch.testing.assert_close(got["p4"], ref["p4"])
+    torch.testing.assert_close(got["res5"], ref_bottom["res5"])
+    assert "p5" not in got  # only the requested levels are computed
+    model = build(cfg)
+    keys = {k[len("backbone.") :] for k in model.state_dict() if k.startswith("backbone.")}
+    assert keys == set(fpn.state_dict().keys())
+    frozen = {n for n, p in model.backbone.named_parameters() if not p.requires_grad}
+    assert frozen == {"fpn_output5.weight", "fpn_output5.bias"}
+
+
+@pytest.mark.parametrize("arch", ["c4", "fpn"])
+def test_loss_decreases_on_a_fixed_batch(arch):
+    """A few SGD steps on one batch lower the region and the global loss.
+
+    The queue is reset before each step: otherwise it fills with this very batch's keys, which then
+    act as negatives identical to the positives and the global loss rises by construction.
+    """
+    cfg = tiny_cfg(arch)
+    cfg.RESIM.MOCO.MOMENTUM = 0.99
+    model = build(cfg)
+    model.train()
+    batch = make_batch(cfg, seed=1)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=0.05, momentum=0.9)
+    region_keys = [f"loss_region_{f}" for f in cfg.RESIM.REGION.IN_FEATURES]
+    queue0 = model.queue.clone()
+    region, glob = [], []
+    for _ in range(4):
+        model.queue.copy_(queue0)
+        model.queue_ptr.zero_()
+        out = model(batch)
+        region.append(sum(float(out[k].detach()) for k in region_keys))
+        glob.append(float(out["loss_global"].detach()))
+        opt.zero_grad()
+        total_loss(out).backward()
+        opt.step()
+    assert all(torch.isfinite(torch.tensor(region + glob)))
+    assert region[-1] < region[0], region
+    assert glob[-1] < glob[0], glob
+
+
+def test_simsiam_resim_fpn_trains():
+    cfg = tiny_cfg("fpn", framework="simsiam")
+    model = build(cfg)
+    model.train()
+    assert not hasattr(model, "backbone_k") and not hasattr(model, "queue")
+    out = model(make_batch(cfg))
+    assert set(out) == {"loss_global", "loss_region_p3", "loss_region_p4"}
+    assert "global/z_std" in model.last_metrics
+    assert -1.0 <= float(out["loss_global"].detach()) <= 1.0
+    total_loss(out).backward()
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            assert p.grad is not None and torch.isfinite(p.grad).all(), name
+
+
+def test_eval_returns_normalised_region_embeddings():
+    cfg = tiny_cfg("fpn")
+    model = build(cfg)
+    model.eval()
+    batch = make_batch(cfg, B=3)
+    out = model(batch)
+    for f, channels in (("p3", 32), ("p4", 32)):
+        M = batch[0]["windows"][f]["boxes_q"].shape[0]
+        assert out["region_q"][f].shape == (3, M, channels) == out["region_k"][f].shape
+        valid = out["valid"][f]
+        assert valid.shape == (3, M) and valid.dtype == torch.bool
+        expected = torch.stack([d["windows"][f]["valid"] for d in batch])
+        assert torch.equal(valid, expected)
+        torch.testing.assert_close(
+            out["region_q"][f][valid].norm(dim=-1), torch.ones(int(valid.sum()))
+        )
+    assert out["global_q"].shape == (3, 512)
+
+
+def test_bf16_autocast_channels_last_and_roialign_run():
+    cfg = tiny_cfg("c4")
+    cfg.RESIM.SPEED.AMP_DTYPE = "bfloat16"
+    cfg.RESIM.SPEED.CHANNELS_LAST = True
+    cfg.RESIM.REGION.POOLER_TYPE = "ROIAlign"
+    model = build(cfg)
+    model.train()
+    out = model(make_batch(cfg))
+    for k in ("loss_global", "loss_region_res4"):
+        assert out[k].dtype == torch.float32 and torch.isfinite(out[k])
+    total_loss(out).backward()
+
+
+@pytest.mark.parametrize(
+    "key,value,match",
+    [
+        ("MODEL.BACKBONE.FREEZE_AT", 2, "FREEZE_AT"),
+        ("MODEL.RESNETS.STRIDE_IN_1X1", True, "STRIDE_IN_1X1"),
+        ("MODEL.RESNETS.NORM", "FrozenBN", "NORM"),
+        ("RESIM.MOCO.BN", "sync", "SyncBN"),
+        ("RESIM.REGION.LOSS_WEIGHTS", [1.0, 1.0], "LOSS_WEIGHTS"),
+    ],
+)
+def test_config_errors_are_clear(key, value, match):
+    cfg = tiny_cfg("c4")
+    cfg.merge_from_list([key, value])
+    with pytest.raises(ValueError, match=match):
+        build_model(cfg)
+
+
+def test_key_encoder_starts_as_a_copy():
+    cfg = tiny_cfg("c4")
+    model = build(cfg)
+    sd = model.state_dict()
+    for k in sd:
+        if k.startswith("backbone_k."):
+            torch.testing.assert_close(sd[k], sd["backbone." + k[len("backbone_k.") :]])
+    assert model.encoder_backbone() is model.backbone
+    assert copy.deepcopy(model) is not None
+
+
+# ---------------------------------------------------------------------- two processes, gloo, CPU
+def _gn_shuffle_cfg():
+    """GroupNorm makes each key independent of which images share its batch, so shuffle-BN must
+    leave every loss unchanged and a 2-process run must match one process on the gathered terms."""
+    cfg = tiny_cfg("fpn")
+    cfg.MODEL.RESNETS.NORM = "GN"
+    cfg.RESIM.REGION.HEAD_DIM = 32
+    cfg.RESIM.REGION.GATHER_NEGATIVES = [False, True]  # p3 per rank, p4 gathered
+    return cfg
+
+
+def _loss_values(out):
+    return {k: v.detach() for k, v in out.items() if k.startswith("loss")}
+
+
+def _gloo_worker(rank, world, init_file, out_file):
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from resim_d2.modeling import distributed as du
+    from resim_d2.modeling.losses import region_infonce
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        res = {}
+        # collectives
+        x = torch.arange(4, dtype=torch.float32).view(2, 2) + 10 * rank
+        res["gathered"] = du.concat_all_gather(x)
+        res["mean"] = du.all_reduce_mean(torch.tensor(float(rank)))
+        (xs, ys), idx = du.batch_shuffle([x, 2 * x])
+        res.update(xs=xs, ys=ys, back=du.batch_unshuffle(xs, idx))
+        # region-loss normaliser: mean over ranks of the valid count (3 valid on rank 0, 1 on 1)
+        g = torch.Generator().manual_seed(20)
+        q_all, k_all, negs = (
+            F.normalize(torch.randn(n, 4, generator=g, dtype=torch.float64), dim=1)
+            for n in (8, 8, 6)
+        )
+        valid_all = torch.tensor([1, 1, 1, 0, 0, 1, 0, 0], dtype=torch.bool)
+        sl = slice(4 * rank, 4 * rank + 4)
+        q = q_all[sl].clone().requires_grad_(True)
+        denom = du.all_reduce_mean(valid_all[sl].double().sum()).clamp_min(1.0 / world)
+        loss, _ = region_infonce(q, k_all[sl], negs, valid_all[sl], 0.2, denom)
+        loss.backward()
+        res.update(region_loss=loss.detach(), region_grad=q.grad)
+        # the model: shuffle-BN on and off, then two DDP steps (no unused-parameter error)
+        cfg = _gn_shuffle_cfg()
+        batch = make_batch(cfg, B=4, seed=3)[2 * rank : 2 * rank + 2]
+        for mode in ("shuffle", "off"):
+            model = build(cfg)
+            model.train()
+            model.moco_bn = mode
+            res[mode] = _loss_values(model(batch))
+        ddp = DDP(model)
+        opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01)
+        for _ in range(2):
+            opt.zero_grad()
+            total_loss(ddp(batch)).backward()
+            opt.step()
+        torch.save(res, f"{out_file}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_processes_gloo_collectives_shuffle_bn_and_normalisation():
+    import os
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    world = 2
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.start_processes(
+            _gloo_worker,
+            args=(world, os.path.join(tmp, "init"), os.path.join(tmp, "r")),
+            nprocs=world,
+            join=True,
+            start_method="spawn",
+        )
+        outs = [torch.load(os.path.join(tmp, f"r.{r}")) for r in range(world)]
+    # collectives
+    xs = [torch.arange(4, dtype=torch.float32).view(2, 2) + 10 * r for r in range(world)]
+    for r, o in enumerate(outs):
+        torch.testing.assert_close(o["gathered"], torch.cat(xs))
+        assert float(o["mean"]) == 0.5
+        torch.testing.assert_close(o["back"], xs[r])
+        torch.testing.assert_close(o["ys"], 2 * o["xs"])  # one permutation for all tensors
+    assert sorted(map(tuple, torch.cat([o["xs"] for o in outs]).tolist())) == sorted(
+        map(tuple, torch.cat(xs).tolist())
+    )
+    # DDP-averaged region loss / gradient = one-process mean over all valid windows
+    from resim_d2.modeling.losses import region_infonce
+
+    g = torch.Generator().manual_seed(20)
+    q_all, k_all, negs = (
+        F.normalize(torch.randn(n, 4, generator=g, dtype=torch.float64), dim=1) for n in (8, 8, 6)
+    )
+    valid_all = torch.tensor([1, 1, 1, 0, 0, 1, 0, 0], dtype=torch.bool)
+    q_ref = q_all.clone().requires_grad_(True)
+    ref, _ = region_infonce(q_ref, k_all, negs, valid_all, 0.2)
+    ref.backward()
+    torch.testing.assert_close(sum(o["region_loss"] for o in outs) / world, ref.detach())
+    torch.testing.assert_close(torch.cat([o["region_grad"] for o in outs]) / world, q_ref.grad)
+    # shuffle-BN changes nothing per rank: keys, key windows, per-rank negatives come back right
+    for o in outs:
+        for k in o["off"]:
+            torch.testing.assert_close(o["shuffle"][k], o["off"][k], rtol=1e-5, atol=1e-5)
+    # gathered terms (global queue loss, p4 with gathered negatives) match one process on 4 images
+    cfg = _gn_shuffle_cfg()
+    model = build(cfg)
+    model.train()
+    single = _loss_values(model(make_batch(cfg, B=4, seed=3)))
+    for k in ("loss_global", "loss_region_p4"):
+        torch.testing.assert_close(
+            sum(o["shuffle"][k] for o in outs) / world, single[k], rtol=1e-5, atol=1e-5
+        )
