@@ -1,4 +1,5 @@
 """Shared fixtures: small synthetic datasets in the real VOC and COCO formats, registered once."""
+
 import os
 
 import pytest
@@ -12,10 +13,10 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 @pytest.fixture(scope="session")
 def synthetic_voc(tmp_path_factory):
     """(train_name, test_name, root) of a 2007-style VOC dataset with 3 classes, registered."""
+    from resim_d2.utils.synthetic_detection import CLASS_NAMES, write_voc
+
     from detectron2.data import DatasetCatalog
     from detectron2.data.datasets import register_pascal_voc
-
-    from resim_d2.utils.synthetic_detection import CLASS_NAMES, write_voc
 
     root = write_voc(str(tmp_path_factory.mktemp("voc")), {"trainval": 6, "test": 4}, seed=1)
     names = ("test_syn_voc_trainval", "test_syn_voc_test")
@@ -28,10 +29,10 @@ def synthetic_voc(tmp_path_factory):
 @pytest.fixture(scope="session")
 def synthetic_coco(tmp_path_factory):
     """(name, json_path, image_dir) of a COCO-format instances dataset with polygon masks."""
+    from resim_d2.utils.synthetic_detection import write_coco
+
     from detectron2.data import DatasetCatalog
     from detectron2.data.datasets import register_coco_instances
-
-    from resim_d2.utils.synthetic_detection import write_coco
 
     root = str(tmp_path_factory.mktemp("coco"))
     image_dir = os.path.join(root, "images")

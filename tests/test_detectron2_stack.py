@@ -1,5 +1,6 @@
 """detectron2 v0.6 on today's stack, through resim_d2's compat: detectors train and infer on CPU,
 evaluators score known answers, checkpoints round-trip."""
+
 import copy
 import math
 
@@ -50,7 +51,9 @@ def _train_step_and_infer(cfg):
         trainer.run_step()
         losses = {k: v.latest() for k, v in storage.histories().items() if k.startswith("loss")}
     assert losses and all(math.isfinite(v) for v in losses.values()), losses
-    moved = [k for k, v in model.named_parameters() if v.requires_grad and not torch.equal(v, before[k])]
+    moved = [
+        k for k, v in model.named_parameters() if v.requires_grad and not torch.equal(v, before[k])
+    ]
     assert len(moved) > 0.5 * len(before)
     model.eval()
     with torch.no_grad():
@@ -83,7 +86,9 @@ def _gt_instances(record, with_masks=False):
     inst.scores = torch.ones(len(annos))
     inst.pred_classes = torch.tensor([a["category_id"] for a in annos], dtype=torch.int64)
     if with_masks:
-        masks = [polygons_to_bitmask([np.asarray(p) for p in a["segmentation"]], h, w) for a in annos]
+        masks = [
+            polygons_to_bitmask([np.asarray(p) for p in a["segmentation"]], h, w) for a in annos
+        ]
         inst.pred_masks = torch.from_numpy(np.stack(masks))
     return inst
 
@@ -91,8 +96,10 @@ def _gt_instances(record, with_masks=False):
 def _evaluate(evaluator, records, make_instances):
     evaluator.reset()
     for r in records:
-        evaluator.process([{"image_id": r["image_id"], "file_name": r["file_name"]}],
-                          [{"instances": make_instances(r)}])
+        evaluator.process(
+            [{"image_id": r["image_id"], "file_name": r["file_name"]}],
+            [{"instances": make_instances(r)}],
+        )
     return evaluator.evaluate()
 
 
@@ -126,7 +133,9 @@ def test_voc_evaluator_known_answers(synthetic_voc):
 def test_coco_evaluator_known_answers(synthetic_coco, tmp_path):
     name = synthetic_coco[0]
     records = DatasetCatalog.get(name)
-    evaluator = COCOEvaluator(name, tasks=("bbox", "segm"), distributed=False, output_dir=str(tmp_path))
+    evaluator = COCOEvaluator(
+        name, tasks=("bbox", "segm"), distributed=False, output_dir=str(tmp_path)
+    )
     res = _evaluate(evaluator, records, lambda r: _gt_instances(r, with_masks=True))
     for task in ("bbox", "segm"):
         assert res[task]["AP"] == pytest.approx(100.0), task
@@ -166,14 +175,19 @@ def test_checkpoint_round_trip(tmp_path):
     torch.manual_seed(2)
     fresh = build_model(cfg)
     fresh_opt = torch.optim.SGD(fresh.parameters(), lr=0.1, momentum=0.9)
-    assert not all(torch.equal(a, b) for a, b in zip(model.state_dict().values(),
-                                                     fresh.state_dict().values()))
+    assert not all(
+        torch.equal(a, b) for a, b in zip(model.state_dict().values(), fresh.state_dict().values())
+    )
     extra = DetectionCheckpointer(fresh, str(tmp_path), optimizer=fresh_opt).resume_or_load(
-        str(tmp_path / "ckpt.pth"), resume=True)
+        str(tmp_path / "ckpt.pth"), resume=True
+    )
     assert extra["iteration"] == 7
     sd, fsd = model.state_dict(), fresh.state_dict()
     assert sd.keys() == fsd.keys() and all(torch.equal(sd[k], fsd[k]) for k in sd)
     a, b = optimizer.state_dict()["state"], fresh_opt.state_dict()["state"]
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k]["momentum_buffer"], b[k]["momentum_buffer"]) for k in a)
-    assert copy.deepcopy(fresh_opt.state_dict()["param_groups"]) == optimizer.state_dict()["param_groups"]
+    assert (
+        copy.deepcopy(fresh_opt.state_dict()["param_groups"])
+        == optimizer.state_dict()["param_groups"]
+    )

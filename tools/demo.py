@@ -4,6 +4,7 @@
 Until ReSim pre-training lands this is a short smoke run of Faster R-CNN R50-C4 on the generated
 VOC-format dataset, followed by VOC evaluation.
 """
+
 import argparse
 import os
 import sys
@@ -11,8 +12,9 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import train_net  # noqa: E402
 
-from detectron2.engine import default_argument_parser  # noqa: E402
 from resim_d2 import get_config_file  # noqa: E402
+
+from detectron2.engine import default_argument_parser  # noqa: E402
 
 
 def main():

@@ -13,6 +13,7 @@ distribution ``detectron2 0.6`` (so ``pip show``/``pip uninstall detectron2`` wo
 
 The compiled-op gaps and library drift are handled at import time by ``resim_d2.compat``.
 """
+
 import argparse
 import hashlib
 import html.parser
@@ -88,7 +89,9 @@ def download(dest_dir):
             url = urllib.parse.urljoin(page, href)
             if urllib.parse.urlparse(url).path.endswith("/" + SDIST_FILE):
                 tmp = target + ".part"
-                with urllib.request.urlopen(url.split("#")[0], timeout=300) as r, open(tmp, "wb") as f:
+                with urllib.request.urlopen(url.split("#")[0], timeout=300) as r, open(
+                    tmp, "wb"
+                ) as f:
                     shutil.copyfileobj(r, f)
                 verify(tmp)
                 os.replace(tmp, target)
@@ -104,7 +107,9 @@ def install_tree(sdist, site_dir):
     """Copy ``detectron2/`` from the sdist into ``site_dir`` and write its dist-info."""
     prefix = f"{SDIST_NAME}-{SDIST_VERSION}/detectron2/"
     with tempfile.TemporaryDirectory() as tmp, tarfile.open(sdist) as tar:
-        members = [m for m in tar.getmembers() if m.name.startswith(prefix) and (m.isfile() or m.isdir())]
+        members = [
+            m for m in tar.getmembers() if m.name.startswith(prefix) and (m.isfile() or m.isdir())
+        ]
         if not members:
             raise SystemExit(f"{sdist}: holds no '{prefix}' tree; is this the {SDIST_FILE} sdist?")
         tar.extractall(tmp, members=members, filter="data")
@@ -124,18 +129,27 @@ def install_tree(sdist, site_dir):
     record = []
     for root, _, files in os.walk(dest):
         record += [os.path.relpath(os.path.join(root, n), site_dir) + ",," for n in files]
-    record += [os.path.relpath(os.path.join(dist_info, n), site_dir) + ",," for n in ("METADATA", "INSTALLER", "RECORD")]
+    record += [
+        os.path.relpath(os.path.join(dist_info, n), site_dir) + ",,"
+        for n in ("METADATA", "INSTALLER", "RECORD")
+    ]
     with open(os.path.join(dist_info, "RECORD"), "w") as f:
         f.write("\n".join(record) + "\n")
     return dest
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--sdist", default=os.environ.get("RESIM_D2_SDIST"), help="local copy of the sdist")
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--sdist", default=os.environ.get("RESIM_D2_SDIST"), help="local copy of the sdist"
+    )
     p.add_argument("--cache-dir", default=os.path.expanduser("~/.cache/resim_d2"))
     p.add_argument("--site-dir", default=sysconfig.get_paths()["purelib"], help="where to install")
-    p.add_argument("--download-only", metavar="DIR", help="only fetch and verify the sdist into DIR")
+    p.add_argument(
+        "--download-only", metavar="DIR", help="only fetch and verify the sdist into DIR"
+    )
     p.add_argument("--force", action="store_true", help="install even if detectron2 imports")
     args = p.parse_args(argv)
 
@@ -144,7 +158,9 @@ def main(argv=None):
         return 0
     if not args.force and importlib.util.find_spec("detectron2") is not None:
         spec = importlib.util.find_spec("detectron2")
-        print(f"detectron2 already importable from {os.path.dirname(spec.origin)}; leaving it as is")
+        print(
+            f"detectron2 already importable from {os.path.dirname(spec.origin)}; leaving it as is"
+        )
         return 0
     sdist = args.sdist or download(args.cache_dir)
     verify(sdist)

@@ -5,6 +5,7 @@ of per-class colours). Annotations carry boxes and, for COCO, polygon masks that
 exactly (rectangles) or to within a pixel (ellipses, 32-gon). It exists so that tests and the demo can
 run detectron2's real loaders and evaluators with no download.
 """
+
 import json
 import math
 import os
@@ -159,6 +160,9 @@ def register_synthetic_voc(prefix="resim_synthetic_voc", root=None, splits=None)
             continue
         DatasetCatalog.register(name, lambda s=split: load(s))
         MetadataCatalog.get(name).set(
-            thing_classes=list(CLASS_NAMES), dirname=root, year=2007, split=split,
+            thing_classes=list(CLASS_NAMES),
+            dirname=root,
+            year=2007,
+            split=split,
             evaluator_type="pascal_voc",
         )
