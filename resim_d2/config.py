@@ -125,6 +125,12 @@ def add_resim_config(cfg):
     # Images whose key windows compete as candidates for each query window.
     _C.RESIM.EVAL.GROUP_SIZE = 64
 
+    # ---------------------------------------------------------------- fine-tuning (transfer)
+
+    # ---------------------------------------------------------------- linear probe
+
+    # ---------------------------------------------------------------- GPU views
+
     # ---------------------------------------------------------------- speed
     _C.RESIM.SPEED = CN()
     # Autocast dtype for the encoders and heads: "" (fp32) or "bfloat16" (losses stay fp32).
