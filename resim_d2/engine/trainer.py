@@ -112,11 +112,16 @@ class Trainer(DefaultTrainer):
     # ----------------------------------------------------------------------------- state
     def state_dict(self):
         ret = super().state_dict()
+        # detectron2 v0.6's DefaultTrainer checkpoints no optimizer state (later versions do), so a
+        # resumed run restarted SGD momentum from zero and the first step used the initial lr
+        ret["_trainer"] = self._trainer.state_dict()
         ret["data_seed"] = self._data_seed
         return ret
 
     def load_state_dict(self, state_dict):
         super().load_state_dict(state_dict)
+        if "_trainer" in state_dict:
+            self._trainer.load_state_dict(state_dict["_trainer"])
         self._data_seed = state_dict.get("data_seed", self._data_seed)
 
     def resume_or_load(self, resume=True):

@@ -1,0 +1,143 @@
+#!/usr/bin/env python
+"""Full pre-training step (forward, backward, SGD update, momentum/queue) on synthetic two-view
+batches: the MoCo-v2 baseline, ReSim-C4 and ReSim-FPN built from configs/pretrain, one process.
+
+Prints images/s per model and the ratio to the MoCo-v2 step measured in the same process, at the
+same settings. Inputs are random uint8 views already on the device with windows from the real view
+geometry (ImageNet-like 500x375 originals), so the data pipeline is not measured here.
+
+    python benchmarks/bench_pretrain_step.py --device cuda --batch 64 128 --bf16 --channels-last
+    python benchmarks/bench_pretrain_step.py --device cpu --batch 8 --depth 18 --iters 3
+"""
+import argparse
+import statistics
+import time
+
+import numpy as np
+import torch
+
+import resim_d2  # noqa: F401
+from resim_d2 import add_resim_config, get_config_file
+from resim_d2.data.view_geometry import make_windows, sample_view_pair
+
+from detectron2.config import get_cfg
+from detectron2.modeling import build_model
+from detectron2.solver import build_optimizer
+
+MODELS = {
+    "mocov2": "pretrain/mocov2_in1k_200ep.yaml",
+    "resim_c4": "pretrain/resim_c4_moco_in1k_200ep.yaml",
+    "resim_fpn": "pretrain/resim_fpn_moco_in1k_200ep.yaml",
+}
+
+
+def make_cfg(name, args, batch):
+    cfg = add_resim_config(get_cfg())
+    cfg.merge_from_file(get_config_file(MODELS[name]))
+    cfg.MODEL.DEVICE = args.device
+    cfg.SOLVER.IMS_PER_BATCH = batch
+    cfg.RESIM.MOCO.QUEUE_SIZE = batch * (65536 // batch)
+    cfg.RESIM.SPEED.AMP_DTYPE = "bfloat16" if args.bf16 else ""
+    cfg.RESIM.SPEED.CHANNELS_LAST = args.channels_last
+    cfg.RESIM.SPEED.COMPILE = args.compile
+    if args.depth != 50:
+        cfg.MODEL.RESNETS.DEPTH = args.depth
+        cfg.MODEL.RESNETS.RES2_OUT_CHANNELS = 64 if args.depth < 50 else 256
+    return cfg
+
+
+def make_batch(cfg, batch, device, seed=0):
+    rng = np.random.default_rng(seed)
+    s = cfg.RESIM.VIEWS.SIZE
+    region = cfg.RESIM.REGION
+    out = []
+    for _ in range(batch):
+        crop_q, crop_k, flip = sample_view_pair(rng, (375, 500))
+        windows = {}
+        for f, w, st in zip(region.IN_FEATURES, region.WINDOW_SIZES, region.WINDOW_STRIDES):
+            bq, bk, valid = make_windows(crop_q, crop_k, s, w, st)
+            windows[f] = {
+                "boxes_q": torch.from_numpy(bq).to(device),
+                "boxes_k": torch.from_numpy(bk).to(device),
+                "valid": torch.from_numpy(valid).to(device),
+            }
+        out.append(
+            {
+                "image_q": torch.randint(0, 256, (3, s, s), dtype=torch.uint8, device=device),
+                "image_k": torch.randint(0, 256, (3, s, s), dtype=torch.uint8, device=device),
+                "windows": windows if region.ENABLED else {},
+            }
+        )
+    return out
+
+
+def sync(device):
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def time_steps(cfg, batch, args):
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    model.train()
+    opt = build_optimizer(cfg, model)
+    data = make_batch(cfg, batch, args.device)
+
+    def step():
+        losses = model(data)
+        loss = sum(losses.values())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    for _ in range(args.warmup):
+        step()
+    sync(args.device)
+    rates = []
+    for _ in range(args.repeats):
+        t0 = time.perf_counter()
+        for _ in range(args.iters):
+            step()
+        sync(args.device)
+        rates.append(batch * args.iters / (time.perf_counter() - t0))
+    del model, opt
+    if args.device.startswith("cuda"):
+        torch.cuda.empty_cache()
+    return statistics.median(rates)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--batch", type=int, nargs="+", default=[64, 128])
+    p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    p.add_argument("--bf16", action="store_true", help="RESIM.SPEED.AMP_DTYPE bfloat16")
+    p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--compile", action="store_true", help="torch.compile the encoders")
+    p.add_argument("--depth", type=int, default=50)
+    p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.device.startswith("cuda"):
+        torch.backends.cudnn.benchmark = True
+    mode = "bf16" if args.bf16 else "fp32"
+    mode += "+channels_last" if args.channels_last else ""
+    mode += "+compile" if args.compile else ""
+    dev = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
+    print(f"device={dev} torch={torch.__version__} R{args.depth} 224px mode={mode}")
+    for batch in args.batch:
+        rates = {}
+        for name in args.models:
+            rates[name] = time_steps(make_cfg(name, args, batch), batch, args)
+        base = rates.get("mocov2")
+        for name, r in rates.items():
+            ratio = f"  {r / base:.3f}x of mocov2 ({base / r:.3f}x its step time)" if base else ""
+            print(f"batch {batch:4d} {name:10s} {r:9.1f} img/s{ratio}")
+
+
+if __name__ == "__main__":
+    main()
