@@ -122,14 +122,44 @@ def add_resim_config(cfg):
     _C.RESIM.EVAL = CN()
     # Images per inference batch of the region-correspondence evaluation (DATASETS.TEST).
     _C.RESIM.EVAL.IMS_PER_BATCH = 16
-    # Images whose key windows compete as candidates for each query window.
+    # View pairs whose key windows compete as candidates for each query window.
     _C.RESIM.EVAL.GROUP_SIZE = 64
+    # Augmented view pairs drawn (deterministically) from each held-out image.
+    _C.RESIM.EVAL.PAIRS_PER_IMAGE = 4
 
     # ---------------------------------------------------------------- fine-tuning (transfer)
+    _C.RESIM.FINETUNE = CN()
+    # Norm of the Res5ROIHeadsExtraNorm head: "" (= RESNETS.NORM), a norm name, or "FrozenStatsBN".
+    _C.RESIM.FINETUNE.RES5_NORM = ""
+    # Load the FPN convs of a converted MODEL.WEIGHTS (ReSim-FPN^T); False ignores them (ReSim-FPN).
+    _C.RESIM.FINETUNE.TRANSFER_FPN = False
 
     # ---------------------------------------------------------------- linear probe
+    _C.RESIM.LINEAR_PROBE = CN()
+    # Classes of the linear classifier (1000 for ImageNet, 100 for IN-100).
+    _C.RESIM.LINEAR_PROBE.NUM_CLASSES = 1000
+    # Backbone feature that is globally average-pooled and classified (C5).
+    _C.RESIM.LINEAR_PROBE.IN_FEATURE = "res5"
+    # Side of the square training crop (RandomResizedCrop) and of the test centre crop, pixels.
+    _C.RESIM.LINEAR_PROBE.CROP_SIZE = 224
+    # Test images are resized to this short side before the centre crop (MoCo lincls: 256).
+    _C.RESIM.LINEAR_PROBE.RESIZE_SIZE = 256
+    # RandomResizedCrop area-fraction range (torchvision's default, MoCo lincls).
+    _C.RESIM.LINEAR_PROBE.CROP_SCALE = (0.08, 1.0)
+    # Images per inference batch of each process (training batch is SOLVER.IMS_PER_BATCH).
+    _C.RESIM.LINEAR_PROBE.TEST_IMS_PER_BATCH = 64
 
     # ---------------------------------------------------------------- GPU views
+    # Views made batched on the model's device (RESIM.VIEWS.BACKEND "gpu"; data/gpu_views.py).
+    _C.RESIM.GPU_VIEWS = CN()
+    # JPEG decoding: "auto" (nvJPEG on a CUDA device, else workers), "device" or "worker" (PIL).
+    _C.RESIM.GPU_VIEWS.DECODE = "auto"
+    # Taps of the Gaussian blur (odd); 0: the odd number nearest 0.1 * VIEWS.SIZE (23 at 224).
+    _C.RESIM.GPU_VIEWS.BLUR_KERNEL_SIZE = 0
+    # Batches made ahead in a background thread (on a side CUDA stream); 0: on the training thread.
+    _C.RESIM.GPU_VIEWS.PREFETCH = 1
+    # Float32 elements of one padded group of images being resampled (caps its memory).
+    _C.RESIM.GPU_VIEWS.MAX_GROUP_ELEMENTS = 2**26
 
     # ---------------------------------------------------------------- speed
     _C.RESIM.SPEED = CN()

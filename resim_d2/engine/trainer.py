@@ -2,6 +2,7 @@
 
 import logging
 import math
+import zlib
 
 from detectron2.data import DatasetCatalog
 from detectron2.data.build import get_detection_dataset_dicts
@@ -88,9 +89,20 @@ class Trainer(DefaultTrainer):
 
         from ..data.two_view_mapper import TwoViewMapper
 
+        # Held-out pairs: the training augmentations (colour included, so the score is not a
+        # pixel-matching test), each pair seeded from the file name and its index, so every
+        # evaluation sees the same views; PAIRS_PER_IMAGE pairs of every image.
         records = get_detection_dataset_dicts([dataset_name], filter_empty=False)
+        pairs = [
+            dict(r, eval_seed=zlib.crc32(f"{r['file_name']}#{i}".encode()))
+            for r in records
+            for i in range(cfg.RESIM.EVAL.PAIRS_PER_IMAGE)
+        ]
+        args = TwoViewMapper.from_config(cfg, is_train=False)
+        args["color_augment"] = TwoViewMapper.from_config(cfg, is_train=True)["color_augment"]
+        mapper = TwoViewMapper(**args)
         dataset = MapDataset(
-            DatasetFromList(records, copy=False), TwoViewMapper(cfg, is_train=False)
+            DatasetFromList(pairs, copy=False), lambda r: mapper(r, rng=r["eval_seed"])
         )
         # several images per batch: the model's inference stacks them
         batches = torch.utils.data.BatchSampler(
