@@ -1,7 +1,9 @@
 #!/usr/bin/env python
-"""resim_d2: ReSim (Region Similarity Representation Learning) pre-training and transfer on detectron2.
+"""resim_d2: ReSim (Region Similarity Representation Learning) pre-training and transfer on
+detectron2.
 
-detectron2 itself is not listed in install_requires: PyPI serves no official detectron2 distribution.
+detectron2 itself is not listed in install_requires: PyPI serves no official detectron2
+distribution.
 Use a detectron2 you built, or `python tools/install_detectron2.py` (what `bash run.sh` does).
 """
 

@@ -9,6 +9,7 @@ geometry (ImageNet-like 500x375 originals), so the data pipeline is not measured
     python benchmarks/bench_pretrain_step.py --device cuda --batch 64 128 --bf16 --channels-last
     python benchmarks/bench_pretrain_step.py --device cpu --batch 8 --depth 18 --iters 3
 """
+
 import argparse
 import statistics
 import time
@@ -100,7 +101,6 @@ def time_steps(cfg, batch, args):
             step()
         sync(args.device)
         rates.append(batch * args.iters / (time.perf_counter() - t0))
-    del model, opt
     if args.device.startswith("cuda"):
         torch.cuda.empty_cache()
     return statistics.median(rates)

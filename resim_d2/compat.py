@@ -28,7 +28,8 @@ __all__ = ["apply", "APPLIED", "MissingCompiledOpError", "has_compiled_ops"]
 # name -> one line saying why; filled by apply()
 APPLIED: dict[str, str] = {}
 
-# detectron2 modules that use NumPy aliases removed in NumPy 1.24 (np.int, np.float, np.str, and np.bool
+# detectron2 modules that use NumPy aliases removed in NumPy 1.24 (np.int, np.float, np.str, and
+# np.bool
 # until NumPy 2.0 brought it back as the bool dtype).
 _NUMPY_ALIAS_USERS = (
     "detectron2.data.build",
@@ -99,9 +100,9 @@ class _PkgResourcesShim(types.ModuleType):
         return str(importlib.resources.files(package).joinpath(resource))
 
 
-# ---------------------------------------------------------------------------------------------------
+# -------------------------------------------------------------------------------------------------
 # import hook: run a context manager around, and a fix-up after, executing selected modules
-# ---------------------------------------------------------------------------------------------------
+# -------------------------------------------------------------------------------------------------
 class _PatchingLoader(importlib.abc.Loader):
     def __init__(self, loader, around, after):
         self._loader, self._around, self._after = loader, around, after
@@ -185,8 +186,8 @@ def _missing_ops_during_import(module):
 
 
 def _use_pycocotools_coco_eval(module):
-    # COCOEvaluator's default fast path (COCOeval_opt) runs on the compiled op; pycocotools' COCOeval
-    # computes the same numbers in Python.
+    # COCOEvaluator's default fast path (COCOeval_opt) runs on the compiled op; pycocotools'
+    # COCOeval computes the same numbers in Python.
     from pycocotools.cocoeval import COCOeval
 
     module.COCOeval_opt = COCOeval
@@ -201,9 +202,9 @@ def _numpy_pickle_globals():
 
 
 def _checkpoints_with_numpy(module):
-    # detectron2/fvcore checkpoints often hold NumPy arrays (Caffe2 conversions, MoCo-style converters);
-    # torch>=2.6's weights_only loading rejects them. Allow NumPy data, and only NumPy data, while
-    # DetectionCheckpointer reads a file.
+    # detectron2/fvcore checkpoints often hold NumPy arrays (Caffe2 conversions, MoCo-style
+    # converters); torch>=2.6's weights_only loading rejects them. Allow NumPy data, and only
+    # NumPy data, while DetectionCheckpointer reads a file.
     import torch
 
     cls = module.DetectionCheckpointer
@@ -240,12 +241,13 @@ def _map_dataset_retry(module):
     cls.__init__ = __init__
 
 
-# ---------------------------------------------------------------------------------------------------
+# -------------------------------------------------------------------------------------------------
 def _pillow_linear():
     from PIL import Image
 
     if not hasattr(Image, "LINEAR"):
-        # Pillow 10 removed Image.LINEAR; detectron2's ExtentTransform uses it as a default argument.
+        # Pillow 10 removed Image.LINEAR; detectron2's ExtentTransform uses it as a default
+        # argument.
         Image.LINEAR = Image.BILINEAR
         APPLIED["pillow_linear"] = "Pillow>=10 removed Image.LINEAR (alias of BILINEAR)"
 

@@ -25,7 +25,8 @@ def add_resim_config(cfg):
     """Add every resim_d2 key to a detectron2 config, in place, with its default. Returns cfg."""
     _C = cfg
     _C.RESIM = CN()
-    # Evaluator built by tools/train_net.py; "" lets the test dataset's metadata evaluator_type decide.
+    # Evaluator built by tools/train_net.py; "" lets the test dataset's metadata evaluator_type
+    # decide.
     _C.RESIM.EVALUATOR = ""
 
     # ---------------------------------------------------------------- two views (paper §3.3)
@@ -51,9 +52,11 @@ def add_resim_config(cfg):
     # Window placement: "grid" (anchored at the query view's origin, as the released code) or
     # "overlap" (slid over the query/key overlap box, the paper's wording).
     _C.RESIM.VIEWS.WINDOW_PLACEMENT = "grid"
-    # Unusable records in a row (per dataloader worker) that stop the run: the dataset is unreadable.
+    # Unusable records in a row (per dataloader worker) that stop the run: the dataset is
+    # unreadable.
     _C.RESIM.VIEWS.MAX_CONSECUTIVE_SKIPS = 100
-    # Where the views are made: "cpu" (dataloader workers, the reference) or "gpu" (batched on device).
+    # Where the views are made: "cpu" (dataloader workers, the reference) or "gpu" (batched on
+    # device).
     _C.RESIM.VIEWS.BACKEND = "cpu"
 
     # ---------------------------------------------------------------- region branch (§3.3-3.4, A.1)

@@ -1,7 +1,8 @@
 """Each detectron2 v0.6 adaptation in resim_d2.compat: the failure it prevents, and that it works.
 
 The "without" half runs detectron2 in a fresh interpreter with that one adaptation turned off
-(RESIM_D2_NO_COMPAT=<name>) and expects the original breakage; it is skipped where the installed library does not need the adaptation.
+(RESIM_D2_NO_COMPAT=<name>) and expects the original breakage; it is skipped where the installed
+library does not need the adaptation.
 """
 
 import argparse
@@ -99,7 +100,7 @@ def test_missing_compiled_ops_raise_clear_errors():
     with pytest.raises(
         compat.MissingCompiledOpError, match="deform_conv_forward.*build detectron2"
     ):
-        deform_conv._C.deform_conv_forward
+        deform_conv._C.deform_conv_forward  # noqa: B018  (the attribute access is the test)
     boxes = torch.tensor([[5.0, 5.0, 4.0, 4.0, 0.0]])
     with pytest.raises(compat.MissingCompiledOpError, match="box_iou_rotated"):
         pairwise_iou_rotated(boxes, boxes)

@@ -1,5 +1,6 @@
 """Pre-training through tools/train_net.py's Trainer: configs build, resume is exact, NaN stops the
 run with its last good checkpoint kept, and 2 processes reproduce 1 process."""
+
 import glob
 import os
 import socket
@@ -163,7 +164,8 @@ def _worker(rank, world, port, batch, steps, out):
 
     from detectron2.utils import comm
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    url = f"tcp://127.0.0.1:{port}"
+    dist.init_process_group("gloo", init_method=url, rank=rank, world_size=world)
     comm._LOCAL_PROCESS_GROUP = dist.new_group([0, 1])
     torch.set_num_threads(1)
     cfg = _ddp_cfg(batch)

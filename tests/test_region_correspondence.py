@@ -1,4 +1,5 @@
 """Region-correspondence score: retrieval accuracy against hand-counted answers."""
+
 import torch
 
 from resim_d2.evaluation.region_correspondence import (

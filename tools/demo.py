@@ -9,6 +9,7 @@ the correspondence score of both. Everything goes through tools/train_net.py's T
     python tools/demo.py                 # both runs (about 5 minutes on 2 cores)
     python tools/demo.py --only resim    # ReSim alone
 """
+
 import argparse
 import json
 import os
@@ -81,12 +82,17 @@ def main():
                 f"  region correspondence (res4, held-out photographs): top-1 {r['top1']:.1f}% of "
                 f"{int(r['windows'])} query windows find their own key window"
             )
-    if "resim" in results and "mocov2" in results and None not in (
-        results["resim"]["top1"],
-        results["mocov2"]["top1"],
+    if (
+        "resim" in results
+        and "mocov2" in results
+        and None
+        not in (
+            results["resim"]["top1"],
+            results["mocov2"]["top1"],
+        )
     ):
         d = results["resim"]["top1"] - results["mocov2"]["top1"]
-        print(f"\nReSim - MoCo-v2 correspondence top-1: {d:+.1f} points (a tiny CPU run; not a benchmark)")
+        print(f"\nReSim minus MoCo-v2, correspondence top-1: {d:+.1f} points (tiny CPU run)")
     print(
         "\nNext: python tools/convert.py (see README) turns a checkpoint into detectron2 weights."
     )

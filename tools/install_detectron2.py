@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Install detectron2 v0.6's Python package without compiling anything.
 
-PyPI serves no official detectron2. ``pb1-detectron2==0.6`` is an sdist whose ``detectron2/`` tree is
+PyPI serves no official detectron2. ``pb1-detectron2==0.6`` is an sdist whose ``detectron2/`` tree
+is
 the official v0.6 release, but it ships no C++/CUDA sources, so ``pip install`` of it fails. This
 script copies that tree into the current interpreter's site-packages and records it as the
 distribution ``detectron2 0.6`` (so ``pip show``/``pip uninstall detectron2`` work).
@@ -58,7 +59,8 @@ def verify(path):
     digest = sha256_of(path)
     if digest != SDIST_SHA256:
         raise SystemExit(
-            f"{path}: SHA-256 is {digest}, expected {SDIST_SHA256} for {SDIST_FILE}; refusing to install"
+            f"{path}: SHA-256 is {digest}, expected {SDIST_SHA256} for {SDIST_FILE}; "
+            "refusing to install"
         )
 
 

@@ -10,7 +10,8 @@ __all__ = ["build_pretrain_train_loader"]
 
 
 def build_pretrain_train_loader(cfg, mapper=None, dataset=None, start_iter=0, seed=None):
-    """The infinite pre-training loader: lists of ``SOLVER.IMS_PER_BATCH / world_size`` mapper dicts.
+    """The infinite pre-training loader: lists of ``SOLVER.IMS_PER_BATCH / world_size`` mapper
+    dicts.
 
     Args:
         cfg: a config with resim_d2's keys; uses DATASETS.TRAIN, SOLVER.IMS_PER_BATCH,

@@ -10,7 +10,8 @@ the uninterrupted one. Here every sample is a pure function of ``(seed, position
 * iteration ``i`` of a run with global batch ``G`` on ``W`` processes gives rank ``r`` the positions
   ``i*G + r*G/W ... i*G + (r+1)*G/W - 1``, so the global batch is the same for any ``W``.
 
-Resuming at iteration ``i`` therefore continues exactly where the run stopped, whatever the number of
+Resuming at iteration ``i`` therefore continues exactly where the run stopped, whatever the number
+of
 dataloader workers, and a 2-process run sees the same global batches as a 1-process run.
 """
 
@@ -30,7 +31,8 @@ logger = logging.getLogger(__name__)
 
 
 class StreamDataset(Dataset):
-    """``dataset[p]`` = ``mapper(records[perm_e[p mod N]], rng(seed, p))``; unusable records skipped.
+    """``dataset[p]`` = ``mapper(records[perm_e[p mod N]], rng(seed, p))``; unusable records
+    skipped.
 
     A record the mapper rejects (returns ``None``) is replaced by another drawn from the same
     position's generator; the number replaced is added to the sample's ``"num_skipped"``. After

@@ -1,4 +1,5 @@
 """Training hooks for ReSim pre-training."""
+
 from torch.nn.parallel import DistributedDataParallel
 
 from detectron2.engine import HookBase

@@ -38,8 +38,8 @@ def build_evaluator(cfg, dataset_name, output_folder=None):
     kind = cfg.RESIM.EVALUATOR or MetadataCatalog.get(dataset_name).get("evaluator_type", None)
     if kind is None:
         raise ValueError(
-            f"dataset '{dataset_name}' has no evaluator_type in its metadata and RESIM.EVALUATOR is "
-            f"empty; known types: {sorted(_FACTORIES)}"
+            f"dataset '{dataset_name}' has no evaluator_type in its metadata and RESIM.EVALUATOR "
+            f"is empty; known types: {sorted(_FACTORIES)}"
         )
     kinds = [kind] if isinstance(kind, str) else list(kind)
     unknown = [k for k in kinds if k not in _FACTORIES]

@@ -36,7 +36,8 @@ def correspondence_accuracy(q, k, topk=(1, 5)):
 
 
 class RegionCorrespondenceEvaluator(DatasetEvaluator):
-    """Consumes ReSim's inference outputs: ``{"region_q": {f: (B, M, D)}, "region_k": {f: (B, M, D)},
+    """Consumes ReSim's inference outputs: ``{"region_q": {f: (B, M, D)}, "region_k": {f: (B, M,
+    D)},
     "valid": {f: (B, M)}}`` (embeddings L2-normalised)."""
 
     def __init__(self, dataset_name, group_size=64, distributed=True):
