@@ -14,6 +14,7 @@ Multi-machine: add --num-machines N --machine-rank R --dist-url tcp://HOST:PORT,
 import resim_d2  # noqa: F401  (first: adapts detectron2 to the installed libraries, registers ours)
 from resim_d2.config import add_resim_config
 from resim_d2.engine import Trainer, is_pretraining, resolve_pretrain_schedule
+from resim_d2.utils.projects import add_project_configs
 
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import get_cfg
@@ -25,6 +26,7 @@ def setup(args):
     """Config from file and command line, frozen; output folder, logging and seed set up."""
     cfg = get_cfg()
     add_resim_config(cfg)
+    add_project_configs(cfg, args.config_file)  # DensePose keys, or an error saying how to get them
     cfg.merge_from_file(args.config_file)
     cfg.merge_from_list(args.opts)
     if is_pretraining(cfg):

@@ -2,6 +2,7 @@
 
 import logging
 import math
+import weakref
 import zlib
 
 from detectron2.data import DatasetCatalog
@@ -9,6 +10,7 @@ from detectron2.data.build import get_detection_dataset_dicts
 from detectron2.engine import DefaultTrainer
 from detectron2.utils import comm
 
+from ..checkpoint import TransferCheckpointer
 from ..evaluation import build_evaluator
 from ..evaluation.region_correspondence import RegionCorrespondenceEvaluator
 from .hooks import ReSimMetricsHook
@@ -55,6 +57,15 @@ class Trainer(DefaultTrainer):
     def __init__(self, cfg):
         self._data_seed = self._initial_data_seed(cfg)
         super().__init__(cfg)
+        if not is_pretraining(cfg):
+            # converted ReSim-FPN files carry FPN weights; RESIM.FINETUNE.TRANSFER_FPN decides
+            # whether they are loaded (ReSim-FPN^T) or ignored (ReSim-FPN)
+            self.checkpointer = TransferCheckpointer(
+                self._trainer.model,
+                cfg.OUTPUT_DIR,
+                transfer_fpn=cfg.RESIM.FINETUNE.TRANSFER_FPN,
+                trainer=weakref.proxy(self),
+            )
 
     def build_hooks(self):
         hooks = super().build_hooks()

@@ -8,6 +8,7 @@ from .heads import MoCoMLP, RegionProjection, SimSiamPredictor, SimSiamProjector
 from .losses import global_infonce, region_infonce, simsiam_loss
 from .meta_arch import ReSim, all_output_shapes, backbone_features
 from .region_pooling import pool_regions, region_negatives
+from .roi_heads import Res5ROIHeadsExtraNorm  # noqa: F401  (registers ROI_HEADS "Res5ROIHeadsExtraNorm")
 
 __all__ = [
     "ReSim",

@@ -1,9 +1,9 @@
 """A small synthetic detection dataset written in the real PASCAL VOC (XML) and COCO (JSON) formats.
 
 Each image is a textured background with a few filled shapes (axis-aligned rectangles and ellipses
-of per-class colours). Annotations carry boxes and, for COCO, polygon masks that trace the shapes
-exactly (rectangles) or to within a pixel (ellipses, 32-gon). It exists so that tests and the demo can
-run detectron2's real loaders and evaluators with no download.
+of per-class colours). Annotations carry boxes and, for COCO, masks: polygons that trace the shapes
+exactly (rectangles) or to within a pixel (ellipses, 32-gon), or RLE of the shapes as drawn. It
+exists so that tests and the demo can run detectron2's real loaders and evaluators with no download.
 """
 
 import json
@@ -100,8 +100,28 @@ def write_voc(root, splits, seed=0, size=(160, 200)):
     return root
 
 
-def write_coco(image_dir, json_path, num_images, seed=0, size=(160, 200)):
-    """Write images into ``image_dir`` and COCO instances JSON (polygon masks) to ``json_path``."""
+def _rle(poly, height, width):
+    """Compressed COCO RLE ({"size": [h, w], "counts": str}) of the polygon drawn as in the image,
+    and its area in pixels."""
+    from pycocotools import mask as mask_util
+
+    canvas = Image.new("L", (width, height), 0)
+    ImageDraw.Draw(canvas).polygon(poly, fill=1)
+    mask = np.asfortranarray(np.asarray(canvas, dtype=np.uint8))
+    rle = mask_util.encode(mask)
+    rle["counts"] = rle["counts"].decode("ascii")
+    return rle, float(mask.sum())
+
+
+def write_coco(image_dir, json_path, num_images, seed=0, size=(160, 200), mask_format="polygon"):
+    """Write images into ``image_dir`` and a COCO instances JSON to ``json_path``.
+
+    ``mask_format``: "polygon" (``segmentation`` is ``[[x, y, ...]]``, area the polygon's) or
+    "rle" (compressed RLE ``{"size": [h, w], "counts": str}`` of the drawn shape, area its pixel
+    count; detectron2 reads it with ``INPUT.MASK_FORMAT "bitmask"``). Returns ``json_path``.
+    """
+    if mask_format not in ("polygon", "rle"):
+        raise ValueError(f"mask_format must be 'polygon' or 'rle', got {mask_format!r}")
     os.makedirs(image_dir, exist_ok=True)
     images, annotations = [], []
     for i, (img, annos) in enumerate(make_images(num_images, size=size, seed=seed)):
@@ -110,14 +130,18 @@ def write_coco(image_dir, json_path, num_images, seed=0, size=(160, 200)):
         images.append({"id": i + 1, "file_name": name, "width": img.width, "height": img.height})
         for a in annos:
             x0, y0, x1, y1 = a["bbox"]
+            if mask_format == "rle":
+                segmentation, area = _rle(a["polygon"], img.height, img.width)
+            else:
+                segmentation, area = [a["polygon"]], _polygon_area(a["polygon"])
             annotations.append(
                 {
                     "id": len(annotations) + 1,
                     "image_id": i + 1,
                     "category_id": CLASS_NAMES.index(a["category"]) + 1,
                     "bbox": [x0, y0, x1 - x0, y1 - y0],
-                    "area": _polygon_area(a["polygon"]),
-                    "segmentation": [a["polygon"]],
+                    "area": area,
+                    "segmentation": segmentation,
                     "iscrowd": 0,
                 }
             )
