@@ -9,14 +9,16 @@ from detectron2.evaluation import (
     COCOEvaluator,
     DatasetEvaluators,
     LVISEvaluator,
-    PascalVOCDetectionEvaluator,
     SemSegEvaluator,
 )
+
+from .voc_ap_iou import PascalVOCDetectionEvaluatorAllIoU
 
 # evaluator_type -> factory(cfg, dataset_name, output_folder)
 _FACTORIES = {
     "coco": lambda cfg, name, out: COCOEvaluator(name, output_dir=out),
-    "pascal_voc": lambda cfg, name, out: PascalVOCDetectionEvaluator(name),
+    # AP, AP50, AP75 as detectron2's, plus AP at every IoU 0.50..0.95 (voc_ap_per_iou.json)
+    "pascal_voc": lambda cfg, name, out: PascalVOCDetectionEvaluatorAllIoU(name, output_dir=out),
     "lvis": lambda cfg, name, out: LVISEvaluator(name, output_dir=out),
     "cityscapes_instance": lambda cfg, name, out: CityscapesInstanceEvaluator(name),
     "cityscapes_sem_seg": lambda cfg, name, out: CityscapesSemSegEvaluator(name),

@@ -5,10 +5,11 @@ Importing this package registers :class:`ReSim` in detectron2's ``META_ARCH_REGI
 """
 
 from .heads import MoCoMLP, RegionProjection, SimSiamPredictor, SimSiamProjector, build_region_head
+from .linear_probe import LinearProbe  # noqa: F401  (registers META_ARCHITECTURE "LinearProbe")
 from .losses import global_infonce, region_infonce, simsiam_loss
 from .meta_arch import ReSim, all_output_shapes, backbone_features
 from .region_pooling import pool_regions, region_negatives
-from .roi_heads import Res5ROIHeadsExtraNorm  # noqa: F401  (registers ROI_HEADS "Res5ROIHeadsExtraNorm")
+from .roi_heads import Res5ROIHeadsExtraNorm  # noqa: F401  (registers it in ROI_HEADS_REGISTRY)
 
 __all__ = [
     "ReSim",
