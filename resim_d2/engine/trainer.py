@@ -25,6 +25,11 @@ def is_pretraining(cfg) -> bool:
     return cfg.MODEL.META_ARCHITECTURE == "ReSim"
 
 
+def is_linear_probe(cfg) -> bool:
+    """Whether ``cfg`` is the ImageNet linear probe (frozen backbone, linear classifier)."""
+    return cfg.MODEL.META_ARCHITECTURE == "LinearProbe"
+
+
 def resolve_pretrain_schedule(cfg):
     """Turn RESIM.SCHEDULE (epochs, lr per 256 images) into SOLVER.MAX_ITER and SOLVER.BASE_LR.
 
@@ -82,14 +87,29 @@ class Trainer(DefaultTrainer):
     # ----------------------------------------------------------------------------- data
     @classmethod
     def build_train_loader(cls, cfg, start_iter=0, seed=None):
+        if is_linear_probe(cfg):
+            from ..data.classification import build_classification_train_loader
+
+            return build_classification_train_loader(cfg)
         if not is_pretraining(cfg):
             return super().build_train_loader(cfg)
+        backend = cfg.RESIM.VIEWS.BACKEND
+        if backend == "gpu":  # workers read files; views are made batched on the model's device
+            from ..data.gpu_loader import build_gpu_pretrain_loader
+
+            return build_gpu_pretrain_loader(cfg, start_iter=start_iter, seed=seed)
+        if backend != "cpu":
+            raise ValueError(f"RESIM.VIEWS.BACKEND must be 'cpu' or 'gpu', got {backend!r}")
         from ..data.build import build_pretrain_train_loader
 
         return build_pretrain_train_loader(cfg, start_iter=start_iter, seed=seed)
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):
+        if is_linear_probe(cfg):
+            from ..data.classification import build_classification_test_loader
+
+            return build_classification_test_loader(cfg, dataset_name)
         if not is_pretraining(cfg):
             return super().build_test_loader(cfg, dataset_name)
         import torch
@@ -128,6 +148,10 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
+        if is_linear_probe(cfg):
+            from ..evaluation.classification import ClassificationEvaluator
+
+            return ClassificationEvaluator(dataset_name)
         if is_pretraining(cfg):
             return RegionCorrespondenceEvaluator(dataset_name, group_size=cfg.RESIM.EVAL.GROUP_SIZE)
         return build_evaluator(cfg, dataset_name, output_folder)
