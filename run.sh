@@ -2,6 +2,7 @@
 # One entry point for a fresh machine: builds .venv (torch, detectron2 v0.6, this package), then runs
 #   bash run.sh test [pytest args]   the test suite (fast tests; add -m slow or -m "" for the rest)
 #   bash run.sh demo [args]          a small ReSim pre-training on the embedded images (CPU is fine)
+#   bash run.sh e2e [args]           pre-train, convert, fine-tune and evaluate end to end (CPU)
 #   bash run.sh setup                only the environment
 # RESIM_VENV picks another venv folder; PYTHON the interpreter that creates it (3.10+).
 set -euo pipefail
@@ -33,5 +34,6 @@ case "$cmd" in
   setup) setup ;;
   test) setup; exec "$VENV/bin/python" -m pytest tests "$@" ;;
   demo) setup; exec "$VENV/bin/python" tools/demo.py "$@" ;;
-  *) echo "usage: bash run.sh {test|demo|setup} [args]" >&2; exit 2 ;;
+  e2e) setup; exec "$VENV/bin/python" tools/e2e_demo.py "$@" ;;
+  *) echo "usage: bash run.sh {test|demo|e2e|setup} [args]" >&2; exit 2 ;;
 esac

@@ -18,8 +18,8 @@ for step in ${STEPS:-prroi pretrain}; do
       run python3 benchmarks/bench_prroi_pool.py --device cuda
       run python3 benchmarks/bench_prroi_pool.py --device cuda --check --dtype all ;;
     pretrain)
-      run python3 benchmarks/bench_pretrain_step.py --device cuda --batch 64 128
-      run python3 benchmarks/bench_pretrain_step.py --device cuda --batch 64 128 --bf16 --channels-last ;;
+      run python3 benchmarks/bench_pretrain_step.py --device cuda --batch 128 --iters 10 --repeats 2
+      run python3 benchmarks/bench_pretrain_step.py --device cuda --batch 128 --iters 10 --repeats 2 --bf16 --channels-last ;;
     compile)
       run python3 benchmarks/bench_pretrain_step.py --device cuda --batch 128 --bf16 --channels-last \
         --compile --models mocov2 resim_fpn ;;

@@ -7,7 +7,7 @@ from . import compat
 
 compat.apply()
 
-from . import data  # noqa: E402,F401  (registers the pre-training datasets)
+from . import data  # noqa: E402,F401,I001  (registers the pre-training datasets)
 from . import modeling  # noqa: E402,F401  (registers the ReSim meta-architecture)
 from .config import add_resim_config, get_config_file  # noqa: E402
 from .layers.poolers import register_prroi_pooler  # noqa: E402

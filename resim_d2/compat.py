@@ -23,7 +23,7 @@ import types
 
 import numpy as np
 
-__all__ = ["apply", "APPLIED", "MissingCompiledOpError", "has_compiled_ops"]
+__all__ = ["apply", "APPLIED", "MissingCompiledOpError", "has_compiled_ops", "numpy_pickle_globals"]
 
 # name -> one line saying why; filled by apply()
 APPLIED: dict[str, str] = {}
@@ -193,7 +193,7 @@ def _use_pycocotools_coco_eval(module):
     module.COCOeval_opt = COCOeval
 
 
-def _numpy_pickle_globals():
+def numpy_pickle_globals():
     """What a pickled NumPy array or scalar references: reconstructors, ndarray, dtypes."""
     core = getattr(np, "_core", None) or np.core
     names = [core.multiarray._reconstruct, core.multiarray.scalar, np.ndarray, np.dtype]
@@ -209,7 +209,7 @@ def _checkpoints_with_numpy(module):
 
     cls = module.DetectionCheckpointer
     original = cls._load_file
-    allowed = _numpy_pickle_globals()
+    allowed = numpy_pickle_globals()
 
     def _load_file(self, filename):
         with torch.serialization.safe_globals(allowed):
@@ -262,9 +262,7 @@ def _numpy_aliases():
 
 
 def _pkg_resources():
-    try:
-        import pkg_resources  # noqa: F401
-    except ImportError:
+    if importlib.util.find_spec("pkg_resources") is None:  # (importing it only warns)
         shim = _PkgResourcesShim("pkg_resources")
         _patch_module(
             "detectron2.model_zoo.model_zoo",

@@ -3,10 +3,11 @@
 import os
 
 import pytest
-from detectron2.data import DatasetCatalog
 
 from resim_d2.data import datasets as ds
 from resim_d2.data.image_io import load_rgb_image
+
+from detectron2.data import DatasetCatalog
 
 
 def _touch(path):

@@ -8,8 +8,6 @@ import os
 import numpy as np
 import pytest
 import torch
-from detectron2.config import get_cfg
-from detectron2.data import DatasetCatalog
 from PIL import Image, ImageOps
 from test_image_io import write_bad_files, write_convertible_files
 from test_view_geometry import released_anchor_mapping, sample_box, smooth_image
@@ -17,6 +15,9 @@ from test_view_geometry import released_anchor_mapping, sample_box, smooth_image
 from resim_d2 import add_resim_config
 from resim_d2.data import MoCoV2ColorAugment, TwoViewMapper, build_pretrain_train_loader
 from resim_d2.data.view_geometry import sample_crop_box
+
+from detectron2.config import get_cfg
+from detectron2.data import DatasetCatalog
 
 S = 224
 

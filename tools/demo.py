@@ -13,14 +13,10 @@ the correspondence score of both. Everything goes through tools/train_net.py's T
 import argparse
 import json
 import os
+import subprocess
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import train_net  # noqa: E402
-
-from resim_d2 import get_config_file  # noqa: E402
-
-from detectron2.engine import default_argument_parser  # noqa: E402
+from resim_d2 import get_config_file
 
 RUNS = {"resim": "pretrain/demo_resim_c4_cpu.yaml", "mocov2": "pretrain/demo_mocov2_cpu.yaml"}
 
@@ -59,11 +55,11 @@ def main():
         opts = ["OUTPUT_DIR", out]
         if a.iters:
             opts += ["SOLVER.MAX_ITER", str(a.iters), "TEST.EVAL_PERIOD", str(a.iters)]
-        args = default_argument_parser().parse_args(
-            ["--config-file", get_config_file(config)] + opts
-        )
-        print(f"\n=== {name}: tools/train_net.py --config-file {config} {' '.join(opts)}\n")
-        train_net.main(args)
+        here = os.path.dirname(os.path.abspath(__file__))
+        cmd = [sys.executable, os.path.join(here, "train_net.py"), "--config-file"]
+        cmd += [get_config_file(config)] + opts
+        print(f"\n=== {name}: " + " ".join(cmd) + "\n", flush=True)
+        subprocess.run(cmd, check=True)
         rows = _read_metrics(os.path.join(out, "metrics.json"))
         evals = [r for r in rows if any(k.startswith("region_corr_res4/") for k in r)]
         results[name] = {

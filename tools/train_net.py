@@ -49,7 +49,9 @@ def main(args):
         return res
     trainer = Trainer(cfg)
     trainer.resume_or_load(resume=args.resume)
-    return trainer.train()
+    trainer.train()
+    # the final evaluation's results (DefaultTrainer evaluates after the last iteration)
+    return getattr(trainer, "_last_eval_results", None)
 
 
 if __name__ == "__main__":

@@ -136,10 +136,10 @@ def load_checkpoint(path: str):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as first:
-        from ..compat import _numpy_pickle_globals
+        from ..compat import numpy_pickle_globals
 
         try:
-            with torch.serialization.safe_globals(_numpy_pickle_globals()):
+            with torch.serialization.safe_globals(numpy_pickle_globals()):
                 return torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError:
             raise first from None
