@@ -1,12 +1,16 @@
 """The pre-training data loader: a resumable stream of TwoViewMapper outputs."""
 
-from detectron2.data.build import get_detection_dataset_dicts
+import torch
+
+from detectron2.data import DatasetFromList, MapDataset
+from detectron2.data.build import get_detection_dataset_dicts, trivial_batch_collator
+from detectron2.data.samplers import InferenceSampler
 from detectron2.utils import comm
 
 from .stream import build_stream_loader
 from .two_view_mapper import TwoViewMapper
 
-__all__ = ["build_pretrain_train_loader"]
+__all__ = ["build_pretrain_train_loader", "build_batched_test_loader"]
 
 
 def build_pretrain_train_loader(cfg, mapper=None, dataset=None, start_iter=0, seed=None):
@@ -38,4 +42,22 @@ def build_pretrain_train_loader(cfg, mapper=None, dataset=None, start_iter=0, se
         total_batch_size=cfg.SOLVER.IMS_PER_BATCH,
         num_workers=cfg.DATALOADER.NUM_WORKERS,
         start_iter=start_iter,
+    )
+
+
+def build_batched_test_loader(records, mapper, batch_size, num_workers=0):
+    """Each record once across processes, ``batch_size`` mapped records (``list[dict]``) a batch.
+
+    detectron2's ``build_detection_test_loader`` (v0.6) yields one image per batch; models that
+    stack their inputs (ReSim's inference, the linear probe) want several.
+    """
+    dataset = MapDataset(DatasetFromList(records, copy=False), mapper)
+    batches = torch.utils.data.BatchSampler(
+        InferenceSampler(len(dataset)), batch_size, drop_last=False
+    )
+    return torch.utils.data.DataLoader(
+        dataset,
+        batch_sampler=batches,
+        num_workers=num_workers,
+        collate_fn=trivial_batch_collator,
     )

@@ -16,10 +16,11 @@ from PIL import Image
 from torchvision import transforms as T
 
 from detectron2.config import configurable
-from detectron2.data import DatasetCatalog, DatasetFromList, MapDataset
-from detectron2.data.build import build_detection_train_loader, trivial_batch_collator
-from detectron2.data.samplers import InferenceSampler, TrainingSampler
+from detectron2.data import DatasetCatalog
+from detectron2.data.build import build_detection_train_loader
+from detectron2.data.samplers import TrainingSampler
 
+from .build import build_batched_test_loader
 from .image_io import ImageLoadError, load_rgb_image
 
 __all__ = [
@@ -175,16 +176,9 @@ def build_classification_test_loader(cfg, dataset_name, mapper=None):
     """Each record of ``dataset_name`` once across processes, RESIM.LINEAR_PROBE.TEST_IMS_PER_BATCH
     per batch (list[dict]), for :func:`detectron2.evaluation.inference_on_dataset`."""
     dataset, _ = classification_dataset_dicts(dataset_name, cfg.RESIM.LINEAR_PROBE.NUM_CLASSES)
-    dataset = MapDataset(
-        DatasetFromList(dataset, copy=False),
-        mapper or ClassificationMapper(cfg, is_train=False),
-    )
-    batches = torch.utils.data.BatchSampler(
-        InferenceSampler(len(dataset)), cfg.RESIM.LINEAR_PROBE.TEST_IMS_PER_BATCH, drop_last=False
-    )
-    return torch.utils.data.DataLoader(
+    return build_batched_test_loader(
         dataset,
-        batch_sampler=batches,
-        num_workers=cfg.DATALOADER.NUM_WORKERS,
-        collate_fn=trivial_batch_collator,
+        mapper or ClassificationMapper(cfg, is_train=False),
+        cfg.RESIM.LINEAR_PROBE.TEST_IMS_PER_BATCH,
+        cfg.DATALOADER.NUM_WORKERS,
     )

@@ -112,12 +112,7 @@ class Trainer(DefaultTrainer):
             return build_classification_test_loader(cfg, dataset_name)
         if not is_pretraining(cfg):
             return super().build_test_loader(cfg, dataset_name)
-        import torch
-
-        from detectron2.data import DatasetFromList, MapDataset
-        from detectron2.data.build import trivial_batch_collator
-        from detectron2.data.samplers import InferenceSampler
-
+        from ..data.build import build_batched_test_loader
         from ..data.two_view_mapper import TwoViewMapper
 
         # Held-out pairs: the training augmentations (colour included, so the score is not a
@@ -132,18 +127,11 @@ class Trainer(DefaultTrainer):
         args = TwoViewMapper.from_config(cfg, is_train=False)
         args["color_augment"] = TwoViewMapper.from_config(cfg, is_train=True)["color_augment"]
         mapper = TwoViewMapper(**args)
-        dataset = MapDataset(
-            DatasetFromList(pairs, copy=False), lambda r: mapper(r, rng=r["eval_seed"])
-        )
-        # several images per batch: the model's inference stacks them
-        batches = torch.utils.data.BatchSampler(
-            InferenceSampler(len(dataset)), cfg.RESIM.EVAL.IMS_PER_BATCH, drop_last=False
-        )
-        return torch.utils.data.DataLoader(
-            dataset,
-            batch_sampler=batches,
-            num_workers=cfg.DATALOADER.NUM_WORKERS,
-            collate_fn=trivial_batch_collator,
+        return build_batched_test_loader(
+            pairs,
+            lambda r: mapper(r, rng=r["eval_seed"]),
+            cfg.RESIM.EVAL.IMS_PER_BATCH,
+            cfg.DATALOADER.NUM_WORKERS,
         )
 
     @classmethod
