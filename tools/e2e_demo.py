@@ -12,7 +12,7 @@
 Everything runs through tools/train_net.py and tools/convert.py, as a user would. The numbers come
 from minutes of CPU training on toy data: they show the pipeline works, not what ReSim is worth.
 
-    python tools/e2e_demo.py [--output-dir output/e2e] [--pretrain-iters 60] [--finetune-iters 100]
+    python tools/e2e_demo.py [--output-dir output/e2e] [--pretrain-iters 60] [--finetune-iters 80]
 """
 
 import argparse
@@ -54,7 +54,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--output-dir", default="output/e2e")
     p.add_argument("--pretrain-iters", type=int, default=60)
-    p.add_argument("--finetune-iters", type=int, default=100)
+    p.add_argument("--finetune-iters", type=int, default=80)
     a = p.parse_args()
     t0 = time.time()
     weights = {"random init": ""}
