@@ -345,3 +345,22 @@ def test_visualize_views_writes_a_png(tmp_path, smooth_file):
     image = Image.open(out)
     assert image.format == "PNG" and image.width == 2 * 2 * S + 3 * 16
     assert image.height > 2 * 2 * S  # the original on top, one row of views per feature
+
+
+def test_evaluation_views_do_not_depend_on_the_dataset_root(tmp_path, smooth_file):
+    import shutil
+
+    from resim_d2.data.two_view_mapper import stable_seed
+
+    a = tmp_path / "root_a" / "cls"
+    b = tmp_path / "elsewhere" / "root_b" / "cls"
+    a.mkdir(parents=True)
+    b.mkdir(parents=True)
+    shutil.copy(smooth_file, a / "x.png")
+    shutil.copy(smooth_file, b / "x.png")
+    assert stable_seed(str(a / "x.png"), 3) == stable_seed(str(b / "x.png"), 3)
+    assert stable_seed(str(a / "x.png"), 3) != stable_seed(str(a / "x.png"), 4)
+    mapper = TwoViewMapper(windows={"res4": (48, 32)}, is_train=False)
+    out_a, out_b = mapper({"file_name": str(a / "x.png")}), mapper({"file_name": str(b / "x.png")})
+    assert torch.equal(out_a["image_q"], out_b["image_q"])
+    assert np.array_equal(out_a["crop_k"], out_b["crop_k"])

@@ -38,6 +38,14 @@ def render_view(image: Image.Image, crop: Sequence[float], flip: bool, size: int
     return view
 
 
+def stable_seed(file_name: str, index: int = 0) -> int:
+    """A seed from a file's name (its folder and base name, not where the dataset root is) and an
+    index: evaluation views are the same on every machine and install."""
+    parent = os.path.basename(os.path.dirname(file_name))
+    key = f"{parent}/{os.path.basename(file_name)}#{index}"
+    return zlib.crc32(key.encode("utf-8"))
+
+
 def _to_uint8_chw(image: Image.Image) -> torch.Tensor:
     """RGB PIL image (H, W) -> torch.uint8 tensor (3, H, W)."""
     return torch.from_numpy(np.ascontiguousarray(np.asarray(image).transpose(2, 0, 1)))
@@ -193,7 +201,7 @@ class TwoViewMapper:
         if rng is not None:
             return np.random.default_rng(int(rng))
         if not self.is_train:
-            return np.random.default_rng(zlib.crc32(file_name.encode("utf-8")))
+            return np.random.default_rng(stable_seed(file_name))
         return self._process_rng()
 
     # ------------------------------------------------------------------ skipping

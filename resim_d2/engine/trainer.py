@@ -3,7 +3,6 @@
 import logging
 import math
 import weakref
-import zlib
 
 from detectron2.data import DatasetCatalog
 from detectron2.data.build import get_detection_dataset_dicts
@@ -113,14 +112,14 @@ class Trainer(DefaultTrainer):
         if not is_pretraining(cfg):
             return super().build_test_loader(cfg, dataset_name)
         from ..data.build import build_batched_test_loader
-        from ..data.two_view_mapper import TwoViewMapper
+        from ..data.two_view_mapper import TwoViewMapper, stable_seed
 
         # Held-out pairs: the training augmentations (colour included, so the score is not a
         # pixel-matching test), each pair seeded from the file name and its index, so every
         # evaluation sees the same views; PAIRS_PER_IMAGE pairs of every image.
         records = get_detection_dataset_dicts([dataset_name], filter_empty=False)
         pairs = [
-            dict(r, eval_seed=zlib.crc32(f"{r['file_name']}#{i}".encode()))
+            dict(r, eval_seed=stable_seed(r["file_name"], i))
             for r in records
             for i in range(cfg.RESIM.EVAL.PAIRS_PER_IMAGE)
         ]
