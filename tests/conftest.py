@@ -10,6 +10,16 @@ import resim_d2  # noqa: F401  (applies detectron2 compat before any detectron2 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module of tiny networks and many small ops: on a loaded 2-core
+    machine two threads contend and run several times slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def synthetic_voc(tmp_path_factory):
     """(train_name, test_name, root) of a 2007-style VOC dataset with 3 classes, registered."""

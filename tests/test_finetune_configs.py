@@ -28,13 +28,7 @@ HAS_DENSEPOSE = importlib.util.find_spec("densepose") is not None
 BN_TYPES = (torch.nn.BatchNorm2d, torch.nn.SyncBatchNorm)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny networks: one intra-op thread (two contend badly on a loaded 2-core machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 def path_of(name):

@@ -52,13 +52,7 @@ S = 64  # view side of these tests (tiny_cfg's model works on 64 x 64 views)
 SIZES = [(120, 90), (90, 120), (150, 200), (100, 160), (80, 80), (130, 70), (96, 128), (75, 110)]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Many small ops: on a shared 2-core machine one intra-op thread is several times faster."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 def _image(h, w, seed):
