@@ -13,7 +13,18 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image, ImageEnhance, ImageFilter
 
-__all__ = ["MoCoV2ColorAugment", "adjust_hue"]
+__all__ = ["MoCoV2ColorAugment", "adjust_hue", "sample_color_params", "NUM_COLOR_PARAMS"]
+
+# Layout of one view's colour parameters (float64 vector of NUM_COLOR_PARAMS), shared by the CPU
+# path (MoCoV2ColorAugment.apply) and the GPU path (gpu_views.color_augment_views):
+P_JITTER = 0  # 1 if the colour jitter is applied
+P_ORDER = 1  # 4 entries: the jitter ops (0 brightness, 1 contrast, 2 saturation, 3 hue) in order
+P_BRIGHTNESS, P_CONTRAST, P_SATURATION, P_HUE = 5, 6, 7, 8  # factors; neutral 1, 1, 1, 0
+P_GRAY = 9  # 1 if converted to grayscale
+P_BLUR = 10  # 1 if blurred
+P_SIGMA = 11  # the blur's sigma, view pixels
+NUM_COLOR_PARAMS = 12
+_NEUTRAL = np.array([1.0, 1.0, 1.0, 0.0])  # brightness, contrast, saturation, hue
 
 
 def adjust_hue(image: Image.Image, hue_factor: float) -> Image.Image:
@@ -77,24 +88,64 @@ class MoCoV2ColorAugment:
             f"blur_prob={self.blur_prob})"
         )
 
-    def jitter(self, image: Image.Image, rng: np.random.Generator) -> Image.Image:
-        """torchvision ColorJitter: the four adjustments in a random order, random factors."""
-        for op in rng.permutation(4):
-            if op == 0 and self.brightness is not None:
-                image = ImageEnhance.Brightness(image).enhance(rng.uniform(*self.brightness))
-            elif op == 1 and self.contrast is not None:
-                image = ImageEnhance.Contrast(image).enhance(rng.uniform(*self.contrast))
-            elif op == 2 and self.saturation is not None:
-                image = ImageEnhance.Color(image).enhance(rng.uniform(*self.saturation))
-            elif op == 3 and self.hue is not None:
-                image = adjust_hue(image, rng.uniform(*self.hue))
+    def sample(self, rng: np.random.Generator) -> np.ndarray:
+        """Draw one view's parameters: float64 (NUM_COLOR_PARAMS,), see the ``P_*`` layout.
+
+        The draws on ``rng``, in order: jitter coin; if jittering, the op order (a permutation)
+        and a factor per op that has a range, in that order; grayscale coin; blur coin; if
+        blurring, sigma. Parameters not drawn stay neutral (factors 1, hue 0, identity order).
+        """
+        return sample_color_params(self, rng)
+
+    def apply(self, image: Image.Image, params: np.ndarray) -> Image.Image:
+        """Apply drawn parameters to an RGB PIL image (torchvision's PIL kernels)."""
+        if params[P_JITTER] > 0.5:
+            ranges = (self.brightness, self.contrast, self.saturation, self.hue)
+            for op in params[P_ORDER : P_ORDER + 4].astype(np.int64):
+                if ranges[op] is None:
+                    continue
+                factor = float(params[P_BRIGHTNESS + op])
+                if op == 0:
+                    image = ImageEnhance.Brightness(image).enhance(factor)
+                elif op == 1:
+                    image = ImageEnhance.Contrast(image).enhance(factor)
+                elif op == 2:
+                    image = ImageEnhance.Color(image).enhance(factor)
+                else:
+                    image = adjust_hue(image, factor)
+        if params[P_GRAY] > 0.5:
+            image = image.convert("L").convert("RGB")
+        if params[P_BLUR] > 0.5:
+            image = image.filter(ImageFilter.GaussianBlur(radius=float(params[P_SIGMA])))
         return image
 
     def __call__(self, image: Image.Image, rng: np.random.Generator) -> Image.Image:
-        if rng.random() < self.jitter_prob:
-            image = self.jitter(image, rng)
-        if rng.random() < self.grayscale_prob:
-            image = image.convert("L").convert("RGB")
-        if rng.random() < self.blur_prob:
-            image = image.filter(ImageFilter.GaussianBlur(radius=rng.uniform(*self.blur_sigma)))
-        return image
+        return self.apply(image, self.sample(rng))
+
+
+def sample_color_params(augment: MoCoV2ColorAugment | None, rng: np.random.Generator) -> np.ndarray:
+    """One view's colour parameters as ``augment`` draws them (neutral when ``augment`` is None).
+
+    Returns:
+        float64 (NUM_COLOR_PARAMS,), see the ``P_*`` layout; no augmentation (``augment`` None or
+        coins that fail) leaves neutral factors and the identity order.
+    """
+    p = np.zeros(NUM_COLOR_PARAMS)
+    p[P_ORDER : P_ORDER + 4] = np.arange(4)
+    p[P_BRIGHTNESS : P_HUE + 1] = _NEUTRAL
+    if augment is None:
+        return p
+    if rng.random() < augment.jitter_prob:
+        p[P_JITTER] = 1.0
+        order = rng.permutation(4)
+        p[P_ORDER : P_ORDER + 4] = order
+        ranges = (augment.brightness, augment.contrast, augment.saturation, augment.hue)
+        for op in order:
+            if ranges[op] is not None:
+                p[P_BRIGHTNESS + op] = rng.uniform(*ranges[op])
+    if rng.random() < augment.grayscale_prob:
+        p[P_GRAY] = 1.0
+    if rng.random() < augment.blur_prob:
+        p[P_BLUR] = 1.0
+        p[P_SIGMA] = rng.uniform(*augment.blur_sigma)
+    return p

@@ -64,15 +64,26 @@ import functools
 import io
 import logging
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .color_augment import MoCoV2ColorAugment
+from .color_augment import (  # noqa: F401  (NUM_COLOR_PARAMS, sample_color_params re-exported)
+    _NEUTRAL,
+    NUM_COLOR_PARAMS,
+    P_BLUR,
+    P_BRIGHTNESS,
+    P_GRAY,
+    P_HUE,
+    P_JITTER,
+    P_ORDER,
+    P_SIGMA,
+    sample_color_params,
+)
 from .image_io import ImageLoadError, load_rgb_image
-from .view_geometry import PLACEMENTS, make_windows, sample_view_pair, windows_per_axis
+from .view_params import ViewParamSampler  # noqa: F401  (re-exported)
 
 __all__ = [
     "NUM_COLOR_PARAMS",
@@ -93,118 +104,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-# Layout of a view's colour parameters (float64 vector of NUM_COLOR_PARAMS):
-P_JITTER = 0  # 1 if the colour jitter is applied
-P_ORDER = 1  # 4 entries: the jitter ops (0 brightness, 1 contrast, 2 saturation, 3 hue) in order
-P_BRIGHTNESS, P_CONTRAST, P_SATURATION, P_HUE = 5, 6, 7, 8  # factors; neutral 1, 1, 1, 0
-P_GRAY = 9  # 1 if converted to grayscale
-P_BLUR = 10  # 1 if blurred
-P_SIGMA = 11  # the blur's sigma, view pixels
-NUM_COLOR_PARAMS = 12
-_NEUTRAL = np.array([1.0, 1.0, 1.0, 0.0])  # brightness, contrast, saturation, hue
-
-
-# ----------------------------------------------------------------------------- host: parameters
-def sample_color_params(augment: MoCoV2ColorAugment | None, rng: np.random.Generator) -> np.ndarray:
-    """One view's colour parameters, drawn exactly as ``augment(image, rng)`` draws them.
-
-    Same calls on ``rng`` in the same order as :meth:`MoCoV2ColorAugment.__call__` (jitter coin,
-    permutation, a factor per op with a range, grayscale coin, blur coin, sigma), so a generator
-    ends in the same state and the values are the ones the CPU path would apply.
-
-    Returns:
-        float64 (NUM_COLOR_PARAMS,), see the ``P_*`` layout; no augmentation (``augment`` None or
-        coins that fail) leaves neutral factors and the identity order.
-    """
-    p = np.zeros(NUM_COLOR_PARAMS)
-    p[P_ORDER : P_ORDER + 4] = np.arange(4)
-    p[P_BRIGHTNESS : P_HUE + 1] = _NEUTRAL
-    if augment is None:
-        return p
-    if rng.random() < augment.jitter_prob:
-        p[P_JITTER] = 1.0
-        order = rng.permutation(4)
-        p[P_ORDER : P_ORDER + 4] = order
-        ranges = (augment.brightness, augment.contrast, augment.saturation, augment.hue)
-        for op in order:
-            if ranges[op] is not None:
-                p[P_BRIGHTNESS + op] = rng.uniform(*ranges[op])
-    if rng.random() < augment.grayscale_prob:
-        p[P_GRAY] = 1.0
-    if rng.random() < augment.blur_prob:
-        p[P_BLUR] = 1.0
-        p[P_SIGMA] = rng.uniform(*augment.blur_sigma)
-    return p
-
-
-class ViewParamSampler:
-    """The random parameters of one view pair and its windows, drawn as :class:`TwoViewMapper` does.
-
-    ``sampler(rng, (h, w))`` returns ``{"crop_q", "crop_k": float64 (4,), "flip": bool,
-    "color": float64 (2, NUM_COLOR_PARAMS) (query, key), "windows": {feature: (boxes_q float32
-    (M, 4), boxes_k float32 (M, 4), valid bool (M,))}}``; the draws on ``rng`` are the CPU path's:
-    ``sample_view_pair``, the query view's colour, the key view's colour.
-    """
-
-    def __init__(
-        self,
-        *,
-        windows: Mapping[str, tuple[int, int]],
-        view_size: int = 224,
-        scale: Sequence[float] = (0.2, 1.0),
-        ratio: Sequence[float] = (3.0 / 4.0, 4.0 / 3.0),
-        flip_prob: float = 0.5,
-        color_augment: MoCoV2ColorAugment | None = None,
-        placement: str = "grid",
-    ):
-        if placement not in PLACEMENTS:
-            raise ValueError(f"placement must be one of {PLACEMENTS}, got {placement!r}")
-        self.windows = {str(k): (int(w), int(s)) for k, (w, s) in windows.items()}
-        self.view_size = int(view_size)
-        self.scale = tuple(float(x) for x in scale)
-        self.ratio = tuple(float(x) for x in ratio)
-        self.flip_prob = float(flip_prob)
-        self.color_augment = color_augment
-        self.placement = placement
-        self.num_windows = {
-            k: windows_per_axis(self.view_size, w, s) ** 2 for k, (w, s) in self.windows.items()
-        }
-
-    @classmethod
-    def from_config(cls, cfg) -> ViewParamSampler:
-        """The training parameters of ``TwoViewMapper(cfg, is_train=True)``, read the same way."""
-        from .two_view_mapper import TwoViewMapper
-
-        kw = TwoViewMapper.from_config(cfg, is_train=True)
-        keys = ("windows", "view_size", "scale", "ratio", "flip_prob", "color_augment", "placement")
-        return cls(**{k: kw[k] for k in keys})
-
-    def __repr__(self):
-        return (
-            f"{type(self).__name__}(view_size={self.view_size}, scale={self.scale}, "
-            f"ratio={self.ratio}, flip_prob={self.flip_prob}, windows={self.windows}, "
-            f"placement={self.placement!r}, color_augment={self.color_augment})"
-        )
-
-    def __call__(self, rng: np.random.Generator, image_size: tuple[int, int]) -> dict:
-        crop_q, crop_k, flip = sample_view_pair(
-            rng, image_size, self.scale, self.ratio, self.flip_prob
-        )
-        color = np.stack(
-            [sample_color_params(self.color_augment, rng) for _ in range(2)]  # query, then key
-        )
-        windows = {
-            name: make_windows(crop_q, crop_k, self.view_size, w, s, self.placement)
-            for name, (w, s) in self.windows.items()
-        }
-        return {
-            "crop_q": crop_q,
-            "crop_k": crop_k,
-            "flip": flip,
-            "color": color,
-            "windows": windows,
-        }
 
 
 # ----------------------------------------------------------------------------- decode

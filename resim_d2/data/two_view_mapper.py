@@ -15,7 +15,7 @@ from detectron2.utils import comm
 
 from .color_augment import MoCoV2ColorAugment
 from .image_io import ImageLoadError, load_rgb_image
-from .view_geometry import PLACEMENTS, make_windows, sample_view_pair, windows_per_axis
+from .view_params import ViewParamSampler
 
 __all__ = ["TwoViewMapper", "render_view"]
 
@@ -51,7 +51,7 @@ def _to_uint8_chw(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(np.asarray(image).transpose(2, 0, 1)))
 
 
-class TwoViewMapper:
+class TwoViewMapper(ViewParamSampler):
     """Map a dataset record to two augmented views of its image and the windows they share.
 
     Input: a detectron2 dataset dict with ``"file_name"`` (and optionally ``"image_id"``).
@@ -108,21 +108,18 @@ class TwoViewMapper:
             max_consecutive_skips: this many unusable records in a row stop the run with an error
                 (the dataset is probably unreadable).
         """
-        if placement not in PLACEMENTS:
-            raise ValueError(f"placement must be one of {PLACEMENTS}, got {placement!r}")
-        self.windows = {str(k): (int(w), int(s)) for k, (w, s) in windows.items()}
-        self.view_size = int(view_size)
-        self.scale = tuple(float(x) for x in scale)
-        self.ratio = tuple(float(x) for x in ratio)
-        self.flip_prob = float(flip_prob)
-        self.color_augment = color_augment
-        self.placement = placement
+        super().__init__(
+            windows=windows,
+            view_size=view_size,
+            scale=scale,
+            ratio=ratio,
+            flip_prob=flip_prob,
+            color_augment=color_augment,
+            placement=placement,
+        )
         self.is_train = bool(is_train)
         self.seed = seed
         self.max_consecutive_skips = int(max_consecutive_skips)
-        self.num_windows = {
-            k: windows_per_axis(self.view_size, w, s) ** 2 for k, (w, s) in self.windows.items()
-        }
         # Skip accounting (per process).
         self.num_skipped = 0
         self.skip_reasons = collections.Counter()
@@ -246,17 +243,15 @@ class TwoViewMapper:
     def make_views(self, image: Image.Image, rng: np.random.Generator) -> dict:
         """Views and windows of an RGB PIL image (no file-name fields); see the class docstring."""
         size = self.view_size
-        crop_q, crop_k, flip = sample_view_pair(
-            rng, (image.height, image.width), self.scale, self.ratio, self.flip_prob
-        )
+        p = self.sample(rng, (image.height, image.width))
+        crop_q, crop_k, flip = p["crop_q"], p["crop_k"], p["flip"]
         view_q = render_view(image, crop_q, flip, size)
         view_k = render_view(image, crop_k, flip, size)
         if self.color_augment is not None:
-            view_q = self.color_augment(view_q, rng)
-            view_k = self.color_augment(view_k, rng)
+            view_q = self.color_augment.apply(view_q, p["color"][0])
+            view_k = self.color_augment.apply(view_k, p["color"][1])
         windows = {}
-        for name, (w, s) in self.windows.items():
-            boxes_q, boxes_k, valid = make_windows(crop_q, crop_k, size, w, s, self.placement)
+        for name, (boxes_q, boxes_k, valid) in p["windows"].items():
             windows[name] = {
                 "boxes_q": torch.from_numpy(boxes_q),
                 "boxes_k": torch.from_numpy(boxes_k),
