@@ -55,6 +55,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from .prroi_weights_triton import bin_weights_triton, triton_available
+
 __all__ = ["prroi_pool", "PrRoIPool"]
 
 # Upper bound on the elements of the largest intermediate of one chunk (about 128 MiB in float32).
@@ -112,6 +114,29 @@ def _check_inputs(features, boxes) -> Tensor:
     return boxes
 
 
+# Small constant tensors (bin fractions, grid positions), cached per device so that a call launches
+# no arange/copy for them; a handful of entries in practice (one per output size and map size).
+_CONSTANTS: dict = {}
+_CONSTANTS_MAX = 64
+
+
+def _constants(ph: int, pw: int, L: int, dtype: torch.dtype, device: torch.device):
+    """frac (2, q+1) = k / (pw, ph), bins (2, 1, 1) = (pw, ph), grid (L,) = 0 .. L-1, all in
+    ``dtype`` on ``device``."""
+    key = (ph, pw, L, dtype, device)
+    hit = _CONSTANTS.get(key)
+    if hit is None:
+        q = max(ph, pw)
+        k = torch.arange(q + 1, dtype=torch.float64)
+        frac = torch.stack([k / pw, k / ph]).to(device=device, dtype=dtype)
+        bins = torch.tensor([pw, ph], dtype=dtype).view(2, 1, 1).to(device)
+        grid = torch.arange(L, dtype=dtype).to(device)
+        if len(_CONSTANTS) >= _CONSTANTS_MAX:
+            _CONSTANTS.clear()
+        hit = _CONSTANTS[key] = (frac, bins, grid)
+    return hit
+
+
 def _bin_weights(coords: Tensor, ph: int, pw: int, H: int, W: int):
     """Per-box integration weights, already divided by the bin size.
 
@@ -119,25 +144,25 @@ def _bin_weights(coords: Tensor, ph: int, pw: int, H: int, W: int):
         coords: (R, 4) scaled boxes (x0, y0, x1, y1) in feature-map units, compute dtype.
 
     Returns:
-        Ky: (R, ph, H) and Kx: (R, pw, W) with ``Ky[r] F Kx[r]^T`` = the bin averages; all zero
-        for a box with an empty bin (zero or negative width or height).
+        (R, 2, q, L) weights, q = max(ph, pw), L = max(H, W): ``[:, 1, :ph, :H]`` is Ky (R, ph, H)
+        and ``[:, 0, :pw, :W]`` is Kx (R, pw, W), with ``Ky[r] F Kx[r]^T`` = the bin averages; all
+        zero for a box with an empty bin (zero or negative width or height).
+
+    Written with few operations (about a dozen kernels for any output size): on a GPU the op's
+    cost is dominated by the number of launches, not by arithmetic.
     """
-    start = coords[:, :2]  # (R, 2) = (x0, y0)
-    size = coords[:, 2:] - start  # (R, 2) = (w, h)
-    if ph == pw:
-        step = size / pw  # bin width and height
-    else:
-        step = torch.stack([size[:, 0] / pw, size[:, 1] / ph], dim=1)
-    # 1 / step for non-empty bins, 0 otherwise (1 / inf); gradients stay finite and are zero there.
-    inv = torch.where(step > 0, step, math.inf).reciprocal()
-    q, L = max(ph, pw), max(H, W)
-    k = torch.arange(q + 1, dtype=coords.dtype, device=coords.device)
-    grid = torch.arange(L, dtype=coords.dtype, device=coords.device)
-    edges = torch.addcmul(start[:, :, None], step[:, :, None], k)  # (R, 2, q+1) bin edges
+    R = coords.shape[0]
+    frac, bins, grid = _constants(ph, pw, max(H, W), coords.dtype, coords.device)
+    c = coords.view(R, 2, 2)  # [:, 0] = (x0, y0), [:, 1] = (x1, y1)
+    start, end = c[:, 0, :, None], c[:, 1, :, None]  # (R, 2, 1)
+    edges = torch.lerp(start, end, frac)  # (R, 2, q+1) bin edges along x and y
+    size = (end - start)[..., None]  # (R, 2, 1, 1) box width, height
+    # bins per box side / box side for non-empty boxes, 0 otherwise (1 / inf): finite zero grads.
+    inv = torch.where(size > 0, size, math.inf).reciprocal_() * bins
     u = (edges[..., None] - grid).clamp_(-1.0, 1.0)  # (R, 2, q+1, L)
     g = torch.addcmul(u, u, u.abs(), value=-0.5)  # G(t) - 1/2
-    weights = (g[:, :, 1:] - g[:, :, :-1]) * inv[:, :, None, None]  # (R, 2, q, L)
-    return weights[:, 1, :ph, :H], weights[:, 0, :pw, :W]
+    weights = (g[:, :, 1:] - g[:, :, :-1]) * inv  # (R, 2, q, L)
+    return weights
 
 
 def _choose_method(ph: int, pw: int, H: int, W: int) -> str:
@@ -253,9 +278,12 @@ def _contract(feat: Tensor, ky: Tensor, kx: Tensor, method: str) -> Tensor:
 
 
 def _no_autocast(device: torch.device):
+    """Autocast off on ``device`` inside the op (a no-op context when it is not on)."""
     try:
+        if not torch.is_autocast_enabled(device.type):
+            return contextlib.nullcontext()
         return torch.autocast(device_type=device.type, enabled=False)
-    except (RuntimeError, ValueError):  # a device type autocast does not know
+    except (RuntimeError, ValueError, TypeError):  # a device type autocast does not know
         return contextlib.nullcontext()
 
 
@@ -301,13 +329,10 @@ def prroi_pool(
     dtype = torch.float64 if features.dtype == torch.float64 else torch.float32
 
     with _no_autocast(features.device):
-        feat = features.to(dtype)
+        feat = features if features.dtype == dtype else features.to(dtype)
         # The weights are built in float64 (they are small: (R, 2, q, max(H, W))) so that the bin
         # edges of small bins lose no precision, then cast to the dtype of the contraction.
         wdtype = torch.float32 if features.device.type == "mps" else torch.float64
-        coords = boxes[:, 1:].to(wdtype) * spatial_scale
-        if aligned:
-            coords = coords - 0.5
         if boxes_per_image is None:
             rmax, pos = _group_by_image(boxes[:, 0].to(torch.int64), N)
         elif boxes.shape[0] == N * boxes_per_image and boxes_per_image >= 0:
@@ -317,12 +342,32 @@ def prroi_pool(
                 f"prroi_pool: boxes_per_image={boxes_per_image} with N = {N} images needs "
                 f"R = {N * boxes_per_image} boxes, got boxes of shape {tuple(boxes.shape)}"
             )
-        ky, kx = (k.to(dtype) for k in _bin_weights(coords, ph, pw, H, W))
+        box_grad = boxes.requires_grad and torch.is_grad_enabled()
+        if not box_grad and wdtype == torch.float64 and triton_available(features.device):
+            # one fused kernel instead of ~15 small ones (same float64 arithmetic)
+            weights = bin_weights_triton(boxes, ph, pw, H, W, spatial_scale, aligned, dtype)
+        else:
+            coords = boxes[:, 1:].to(wdtype) * spatial_scale
+            if aligned:
+                coords = coords - 0.5
+            weights = _bin_weights(coords, ph, pw, H, W).to(dtype)
+        ky, kx = weights[:, 1, :ph, :H], weights[:, 0, :pw, :W]
         if method == "auto":
             method = _choose_method(ph, pw, H, W)
-        out = _contract(feat, _pad(ky, N, rmax, pos), _pad(kx, N, rmax, pos), method)
-        out = _unpad(out, pos).contiguous()
-    return out.to(features.dtype)
+        R, P = boxes.shape[0], ph * pw
+        if pos is None and method == "outer" and rmax * P * (H * W + C) <= _CHUNK_ELEMENTS:
+            # The common case (boxes sorted by image, as many per image, e.g. ReSim's windows):
+            # one outer product and one bmm, no padding and no intermediate copies.
+            w = (ky[:, :, None, :, None] * kx[:, None, :, None, :]).view(N, rmax * P, H * W)
+            out = torch.bmm(w, feat.reshape(N, C, H * W).transpose(1, 2))  # (N, rmax*P, C)
+            if P == 1:
+                out = out.view(R, C, 1, 1)
+            else:
+                out = out.view(R, P, C).transpose(1, 2).reshape(R, C, ph, pw)
+        else:
+            out = _contract(feat, _pad(ky, N, rmax, pos), _pad(kx, N, rmax, pos), method)
+            out = _unpad(out, pos).contiguous()
+    return out if out.dtype == features.dtype else out.to(features.dtype)
 
 
 class PrRoIPool(nn.Module):
