@@ -3,6 +3,7 @@
 Importing the package adapts detectron2 v0.6 to the installed libraries (:mod:`resim_d2.compat`)
 and registers the project's components in detectron2's registries and catalogs.
 """
+
 from . import compat
 
 compat.apply()
