@@ -75,6 +75,11 @@ def add_resim_config(cfg):
     _C.RESIM.REGION.NEG_POOL_KERNELS = [3]
     # Whether negatives of a feature are gathered from all GPUs (released code: C4/P4 yes, P3 no).
     _C.RESIM.REGION.GATHER_NEGATIVES = [True]
+    # Images whose negatives form one set, per feature; 0 = all images of the process (or of all
+    # GPUs when gathered). The released code keeps P3 negatives per GPU at 32 images per GPU; 32
+    # here gives that same set whatever the number of GPUs and the per-GPU batch (which must then
+    # be a multiple of it, or at most it). Needs GATHER_NEGATIVES False for that feature.
+    _C.RESIM.REGION.NEG_GROUP_IMAGES = [0]
     # Region feature extractor: "PrRoIPool" (paper) or "ROIAlign" (ablation, §4.1).
     _C.RESIM.REGION.POOLER_TYPE = "PrRoIPool"
     # Region projection: "conv" (two 3x3 convs, BN+ReLU after the first; paper) or "none" (raw maps,
@@ -166,7 +171,8 @@ def add_resim_config(cfg):
 
     # ---------------------------------------------------------------- speed
     _C.RESIM.SPEED = CN()
-    # Autocast dtype for the encoders and heads: "" (fp32) or "bfloat16" (losses stay fp32).
+    # Autocast dtype for the encoders and heads: "" (fp32) or "bfloat16". With bfloat16 the region
+    # logits (window x negative products) are bfloat16 too; sums, logs and losses stay fp32.
     _C.RESIM.SPEED.AMP_DTYPE = ""
     # Channels-last memory format for the encoders.
     _C.RESIM.SPEED.CHANNELS_LAST = False

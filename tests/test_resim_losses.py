@@ -63,6 +63,71 @@ def test_region_infonce_matches_loop_reference():
     assert math.isclose(float(stats["acc_top1"]), acc, rel_tol=1e-9)
 
 
+def test_region_infonce_groups_use_their_own_negatives():
+    """groups=G: window block g against negative block g only (per-32-image P3 negatives)."""
+    tau = 0.2
+    q = _unit(12, 5, seed=11).requires_grad_(True)
+    k = _unit(12, 5, seed=12)
+    negs = _unit(9, 5, seed=13)
+    valid = torch.tensor([1, 1, 0, 1, 1, 1, 0, 0, 1, 1, 1, 0], dtype=torch.bool)
+    loss, stats = region_infonce(q, k, negs, valid, tau, groups=3)
+    (grad,) = torch.autograd.grad(loss, q)
+    q_ref = q.detach().clone().requires_grad_(True)
+    terms = []
+    for g in range(3):
+        rows, cols = slice(4 * g, 4 * g + 4), slice(3 * g, 3 * g + 3)
+        n_valid = int(valid[rows].sum())
+        block = _region_loss_reference(q_ref[rows], k[rows], negs[cols], valid[rows], tau)
+        terms.append(block * n_valid)
+    ref = torch.stack(terms).sum() / int(valid.sum())
+    (grad_ref,) = torch.autograd.grad(ref, q_ref)
+    torch.testing.assert_close(loss, ref, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(grad, grad_ref, rtol=1e-9, atol=1e-10)
+    qd = q.detach()
+    own = [negs[3 * (i // 4) : 3 * (i // 4) + 3] for i in range(12)]  # the block of window i
+    neg = sum(float((qd[i] @ own[i].t()).mean()) for i in range(12) if valid[i]) / int(valid.sum())
+    assert math.isclose(float(stats["neg_sim"]), neg, rel_tol=1e-9)
+    with pytest.raises(ValueError, match="groups=5 must divide the 12 windows and 9 negatives"):
+        region_infonce(q, k, negs, valid, tau, groups=5)
+
+
+def test_region_infonce_small_temperature_is_stable():
+    """1/τ above the no-shift bound: exponentials are shifted per row, no overflow in float32."""
+    q = _unit(7, 6, seed=14)
+    k = _unit(7, 6, seed=15)
+    negs = _unit(11, 6, seed=16)
+    valid = torch.ones(7, dtype=torch.bool)
+    for tau in (0.02, 0.005):  # |logit| up to 50 and 200: exp(200) overflows float32
+        qf = q.float().requires_grad_(True)
+        loss, _ = region_infonce(qf, k.float(), negs.float(), valid, tau)
+        (grad,) = torch.autograd.grad(loss, qf)
+        q_ref = q.clone().requires_grad_(True)
+        l_pos = (q_ref * k).sum(1, keepdim=True) / tau
+        logits = torch.cat([l_pos, q_ref @ negs.t() / tau], 1)  # float64 reference
+        ref = (torch.logsumexp(logits, 1) - logits[:, 0]).mean()
+        (grad_ref,) = torch.autograd.grad(ref, q_ref)
+        assert torch.isfinite(loss) and torch.isfinite(grad).all()
+        torch.testing.assert_close(loss.double(), ref, rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(grad.double(), grad_ref, rtol=1e-4, atol=1e-3)
+
+
+def test_region_infonce_bfloat16_logits_close_to_float64():
+    q = _unit(64, 32, seed=17)
+    k = F.normalize(q + 0.5 * _unit(64, 32, seed=18), dim=1)
+    negs = _unit(500, 32, seed=19)
+    valid = torch.rand(64, generator=torch.Generator().manual_seed(0)) > 0.3
+    qf = q.float().requires_grad_(True)
+    loss, _ = region_infonce(qf, k.float(), negs.float(), valid, 0.2, matmul_dtype=torch.bfloat16)
+    (grad,) = torch.autograd.grad(loss, qf)
+    q_ref = q.clone().requires_grad_(True)
+    ref = _region_loss_reference(q_ref, k, negs, valid, 0.2)
+    (grad_ref,) = torch.autograd.grad(ref, q_ref)
+    assert loss.dtype == torch.float32
+    assert abs(loss.item() - ref.item()) < 5e-3 * ref.item()
+    cos = F.cosine_similarity(grad.double().flatten(), grad_ref.flatten(), dim=0)
+    assert cos > 0.999
+
+
 def test_region_infonce_keys_get_no_gradient_and_denom():
     q = _unit(5, 4, seed=4).requires_grad_(True)
     k = _unit(5, 4, seed=5).requires_grad_(True)

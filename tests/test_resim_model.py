@@ -51,6 +51,7 @@ def tiny_cfg(arch="c4", framework="moco", region=True):
         r.REGION.LOSS_WEIGHTS = [1.0, 0.5]
         r.REGION.NEG_POOL_KERNELS = [2, 2]
         r.REGION.GATHER_NEGATIVES = [False, True]
+        r.REGION.NEG_GROUP_IMAGES = [0, 0]
     r.REGION.ENABLED = region
     r.REGION.HEAD_DIM = 16
     r.GLOBAL.FRAMEWORK = framework
@@ -370,6 +371,7 @@ def _gn_shuffle_cfg():
     cfg.MODEL.RESNETS.NORM = "GN"
     cfg.RESIM.REGION.HEAD_DIM = 32
     cfg.RESIM.REGION.GATHER_NEGATIVES = [False, True]  # p3 per rank, p4 gathered
+    cfg.RESIM.REGION.NEG_GROUP_IMAGES = [2, 0]  # p3 negatives per 2 images: = per rank of 2
     return cfg
 
 
@@ -469,12 +471,27 @@ def test_two_processes_gloo_collectives_shuffle_bn_and_normalisation():
     for o in outs:
         for k in o["off"]:
             torch.testing.assert_close(o["shuffle"][k], o["off"][k], rtol=1e-5, atol=1e-5)
-    # gathered terms (global queue loss, p4 with gathered negatives) match one process on 4 images
+    # gathered terms (global queue loss, p4 with gathered negatives) and p3, whose negatives are
+    # grouped per 2 images (= per rank here), match one process on 4 images
     cfg = _gn_shuffle_cfg()
     model = build(cfg)
     model.train()
     single = _loss_values(model(make_batch(cfg, B=4, seed=3)))
-    for k in ("loss_global", "loss_region_p4"):
+    for k in ("loss_global", "loss_region_p3", "loss_region_p4"):
         torch.testing.assert_close(
             sum(o["shuffle"][k] for o in outs) / world, single[k], rtol=1e-5, atol=1e-5
         )
+
+
+def test_negative_groups_are_checked_against_gathering_and_the_batch():
+    cfg = tiny_cfg("fpn")
+    cfg.RESIM.REGION.NEG_GROUP_IMAGES = [2, 2]  # p4 is gathered: one set, cannot be grouped
+    with pytest.raises(ValueError, match="NEG_GROUP_IMAGES for 'p4' is 2"):
+        build(cfg)
+    cfg.RESIM.REGION.NEG_GROUP_IMAGES = [3, 0]
+    cfg.RESIM.MOCO.QUEUE_SIZE = 36
+    model = build(cfg)
+    model.train()
+    with pytest.raises(ValueError, match="NEG_GROUP_IMAGES for 'p3' is 3, but this process has 4"):
+        model(make_batch(cfg, B=4, seed=1))
+    assert torch.isfinite(total_loss(model(make_batch(cfg, B=3, seed=1))))  # B <= group: one set

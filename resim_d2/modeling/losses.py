@@ -18,6 +18,55 @@ def _masked_mean(x: torch.Tensor, mask: torch.Tensor, count: torch.Tensor) -> to
     return (x * mask).sum() / count
 
 
+# Above this bound on |logit| (1 / temperature for unit vectors) the exponentials are shifted by
+# each row's largest logit; below it exp cannot overflow float32 / bfloat16 (e^30 * 1e7 < 3e38) and
+# the shift (one more pass over the logits) is skipped.
+_NO_SHIFT_BOUND = 30.0
+
+
+class _NegativeLogSumExp(torch.autograd.Function):
+    """Cross-entropy with label 0 of ``[l_pos, qs . negatives]`` per row, memory- and pass-lean.
+
+    forward(qs (G, R, D), l_pos (G, R), negatives (G, N, D), bound) ->
+    (ce (G, R), neg_max (G, R), no gradient), both in l_pos's dtype (float32 or float64).
+
+    The (G, R, N) logits are written once by ``bmm`` (in the dtype of ``negatives``: float32, or
+    bfloat16 under mixed precision, accumulated in float32), exponentiated in place and kept for
+    the backward pass, which is one more ``bmm``: d ce_i / d qs_i = sum_j p_ij n_j and
+    d ce_i / d l_pos_i = p_i0 - 1. Autograd through the plain formula would keep the logits, their
+    concatenation with the positives, the scaled logits and the softmax (four such tensors).
+    """
+
+    @staticmethod
+    def forward(ctx, qs, l_pos, negatives, bound):
+        acc = torch.promote_types(negatives.dtype, l_pos.dtype)  # float32 or float64
+        e = torch.bmm(qs.to(negatives.dtype), negatives.transpose(1, 2))  # (G, R, N) logits
+        neg_max = e.amax(dim=2).to(acc)
+        if bound > _NO_SHIFT_BOUND:
+            shift = torch.maximum(neg_max, l_pos)  # (G, R)
+            e.sub_(shift.to(e.dtype)[..., None])
+        else:
+            shift = torch.zeros_like(l_pos)
+        e.exp_()
+        s_neg = e.sum(dim=2, dtype=acc)
+        lse = shift + torch.log(s_neg + torch.exp(l_pos - shift))
+        ctx.save_for_backward(e, negatives, lse, shift, l_pos)
+        ctx.qs_dtype = qs.dtype
+        ctx.mark_non_differentiable(neg_max)
+        return lse - l_pos, neg_max
+
+    @staticmethod
+    def backward(ctx, grad_ce, _grad_neg_max):
+        e, negatives, lse, shift, l_pos = ctx.saved_tensors
+        grad_qs = grad_lpos = None
+        if ctx.needs_input_grad[0]:
+            row = grad_ce * torch.exp(shift - lse)  # p_ij = e_ij * exp(shift_i - lse_i)
+            grad_qs = torch.bmm(e, negatives).to(row.dtype).mul_(row[..., None]).to(ctx.qs_dtype)
+        if ctx.needs_input_grad[1]:
+            grad_lpos = grad_ce * (torch.exp(l_pos - lse) - 1.0)
+        return grad_qs, grad_lpos, None, None
+
+
 def region_infonce(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -25,6 +74,8 @@ def region_infonce(
     valid: torch.Tensor,
     temperature: float,
     denom: torch.Tensor | None = None,
+    groups: int = 1,
+    matmul_dtype: torch.dtype | None = None,
 ):
     """Region-level InfoNCE (paper eq. 2, as -log of the ratio), averaged over valid windows.
 
@@ -43,27 +94,48 @@ def region_infonce(
         denom: optional 0-dim tensor to divide the summed loss by; default ``max(valid.sum(), 1)``.
             The model passes the mean over ranks of the valid count, so that the DDP-averaged
             gradient equals that of the mean over all valid windows of the global batch.
+        groups: split the rows of ``q`` and of ``negatives`` into this many equal consecutive
+            blocks; the windows of block g are contrasted with the negatives of block g only
+            (e.g. P3 negatives per 32 images, as the released code's per-GPU set).
+        matmul_dtype: dtype of the (R, N) logits (default: that of ``q``); ``torch.bfloat16``
+            under bf16 mixed precision. Sums, logs and the loss stay in float32 or wider.
 
     Returns:
         loss: 0-dim tensor.
         stats: {"pos_sim", "neg_sim", "acc_top1"} means over valid windows (0 when none), detached.
     """
+    R, D = q.shape
+    N = negatives.shape[0]
+    if groups < 1 or R % groups or N % groups:
+        raise ValueError(
+            f"region_infonce: groups={groups} must divide the {R} windows and {N} negatives"
+        )
     k = k.detach()
-    negatives = negatives.detach()
+    negatives = negatives.detach().to(matmul_dtype or q.dtype).view(groups, N // groups, D)
     validf = valid.to(q.dtype)
     count = validf.sum().clamp_min(1.0)
     if denom is None:
         denom = count
-    l_pos = (q * k).sum(dim=1, keepdim=True)  # (R, 1)
-    l_neg = q @ negatives.t()  # (R, N)
-    logits = torch.cat([l_pos, l_neg], dim=1) / temperature  # (R, 1 + N)
-    ce = torch.logsumexp(logits, dim=1) - logits[:, 0]  # (R,)  = cross-entropy with label 0
-    loss = (ce * validf).sum() / denom
+    qs = q / temperature
+    l_pos = (qs * k).sum(dim=1)  # (R,) scaled positive logits
+    ce, neg_max = _NegativeLogSumExp.apply(
+        qs.view(groups, R // groups, D),
+        l_pos.view(groups, R // groups),
+        negatives,
+        1.0 / temperature,
+    )
+    loss = (ce.reshape(R) * validf).sum() / denom
     with torch.no_grad():
+        wide = torch.promote_types(negatives.dtype, l_pos.dtype)
+        mean_neg = negatives.to(wide).mean(dim=1, keepdim=True)  # (G, 1, D)
+        q_rows = q.detach().to(wide).view(groups, R // groups, D)
+        neg_mean = torch.bmm(mean_neg, q_rows.transpose(1, 2))  # (G, 1, R) mean of q . n
         stats = {
-            "pos_sim": _masked_mean(l_pos[:, 0], validf, count),
-            "neg_sim": _masked_mean(l_neg.mean(dim=1), validf, count),
-            "acc_top1": _masked_mean((logits.argmax(dim=1) == 0).to(q.dtype), validf, count),
+            "pos_sim": _masked_mean(l_pos * temperature, validf, count),
+            "neg_sim": _masked_mean(neg_mean.reshape(R).to(q.dtype), validf, count),
+            "acc_top1": _masked_mean(
+                (l_pos >= neg_max.reshape(R).to(l_pos.dtype)).to(q.dtype), validf, count
+            ),
         }
     return loss, stats
 

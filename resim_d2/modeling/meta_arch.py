@@ -182,6 +182,7 @@ class ReSim(nn.Module):
         region_loss_weights=(1.0,),
         neg_pool_kernels=(3,),
         gather_negatives=(True,),
+        neg_group_images=None,
         pooler_type: str = "PrRoIPool",
         region_temperature: float = 0.2,
         global_loss_weight: float = 1.0,
@@ -206,8 +207,9 @@ class ReSim(nn.Module):
             framework: "moco" or "simsiam".
             global_in_feature: map average-pooled for the global branch ("res5").
             region_enabled: False gives the MoCo-v2 / SimSiam baselines.
-            region_in_features, region_loss_weights, neg_pool_kernels, gather_negatives: per region
-                feature, see ``RESIM.REGION``.
+            region_in_features, region_loss_weights, neg_pool_kernels, gather_negatives,
+                neg_group_images: per region feature, see ``RESIM.REGION`` (``neg_group_images``
+                None: no grouping).
             pooler_type: "PrRoIPool" or "ROIAlign".
             region_temperature: τ of the region InfoNCE.
             global_loss_weight: λ.
@@ -229,10 +231,13 @@ class ReSim(nn.Module):
         if amp_dtype not in _AMP_DTYPES:
             raise ValueError(f"RESIM.SPEED.AMP_DTYPE must be one of {sorted(_AMP_DTYPES)}")
         n = len(region_in_features)
+        if neg_group_images is None:
+            neg_group_images = [0] * n
         for name, seq in (
             ("LOSS_WEIGHTS", region_loss_weights),
             ("NEG_POOL_KERNELS", neg_pool_kernels),
             ("GATHER_NEGATIVES", gather_negatives),
+            ("NEG_GROUP_IMAGES", neg_group_images),
         ):
             if region_enabled and len(seq) != n:
                 raise ValueError(
@@ -262,6 +267,13 @@ class ReSim(nn.Module):
         }
         self.neg_pool_kernels = {f: int(k) for f, k in zip(region_in_features, neg_pool_kernels)}
         self.gather_negatives = {f: bool(g) for f, g in zip(region_in_features, gather_negatives)}
+        self.neg_group_images = {f: int(g) for f, g in zip(region_in_features, neg_group_images)}
+        for f, g in self.neg_group_images.items():
+            if g < 0 or (g > 0 and self.gather_negatives[f]):
+                raise ValueError(
+                    f"RESIM.REGION.NEG_GROUP_IMAGES for '{f}' is {g}: it must be >= 0, and 0 when "
+                    "its GATHER_NEGATIVES is True (gathered negatives are one set)"
+                )
         self.region_strides = {f: shapes[f].stride for f in used}
         self.feature_strides = {name: shape.stride for name, shape in shapes.items()}
         self.pooler_type = pooler_type
@@ -375,6 +387,7 @@ class ReSim(nn.Module):
             "region_loss_weights": r.REGION.LOSS_WEIGHTS,
             "neg_pool_kernels": r.REGION.NEG_POOL_KERNELS,
             "gather_negatives": r.REGION.GATHER_NEGATIVES,
+            "neg_group_images": r.REGION.NEG_GROUP_IMAGES,
             "pooler_type": r.REGION.POOLER_TYPE,
             "region_temperature": r.REGION.TEMPERATURE,
             "global_loss_weight": r.GLOBAL.LOSS_WEIGHT,
@@ -518,6 +531,13 @@ class ReSim(nn.Module):
         B = boxes_q.shape[0]
         scale = 1.0 / self.region_strides[f]
         q = F.normalize(pool_regions(q_map, boxes_q, scale, self.pooler_type), dim=-1)
+        per_group = self.neg_group_images[f]
+        if per_group and B > per_group and B % per_group:
+            raise ValueError(
+                f"RESIM.REGION.NEG_GROUP_IMAGES for '{f}' is {per_group}, but this process has "
+                f"{B} images: the per-GPU batch must be a multiple of it, or at most it"
+            )
+        groups = B // per_group if per_group and B > per_group else 1
         validf = valid.float()
         n_valid = validf.sum()
         ws = dist_utils.world_size()
@@ -530,6 +550,8 @@ class ReSim(nn.Module):
             valid.flatten(),
             self.region_temperature,
             denom,
+            groups=groups,
+            matmul_dtype=self.amp_dtype,
         )
         losses[f"loss_region_{f}"] = loss * self.region_loss_weights[f]
         for name, value in stats.items():

@@ -55,7 +55,7 @@ def pool_regions(
     feats = features.float()
     rois = _rois(boxes.to(device=feats.device, dtype=torch.float32))
     if pooler_type == "PrRoIPool":
-        out = prroi_pool(feats, rois, 1, spatial_scale)
+        out = prroi_pool(feats, rois, 1, spatial_scale, boxes_per_image=M)  # image-major rois
     elif pooler_type == "ROIAlign":
         out = roi_align(feats, rois, output_size=1, spatial_scale=spatial_scale, sampling_ratio=0)
     else:
