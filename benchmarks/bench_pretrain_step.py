@@ -101,9 +101,34 @@ def time_steps(cfg, batch, args):
             step()
         sync(args.device)
         rates.append(batch * args.iters / (time.perf_counter() - t0))
+    if args.profile:
+        profile_steps(step, cfg, args)
     if args.device.startswith("cuda"):
         torch.cuda.empty_cache()
     return statistics.median(rates)
+
+
+def profile_steps(step, cfg, args, steps=3):
+    """Print the operators that took the most device (or CPU) time over ``steps`` steps."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = args.device.startswith("cuda")
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=acts) as prof:
+        for _ in range(steps):
+            step()
+        sync(args.device)
+    avg = prof.key_averages()
+    keys = ["self_device_time_total", "self_cuda_time_total"] if cuda else ["self_cpu_time_total"]
+    for key in keys:
+        try:
+            table = avg.table(sort_by=key, row_limit=args.profile)
+            break
+        except (AttributeError, KeyError, ValueError):
+            continue
+    region = cfg.RESIM.REGION.IN_FEATURES if cfg.RESIM.REGION.ENABLED else "none"
+    print(f"--- profile of {steps} steps, region features {region}")
+    print(table)
 
 
 def main():
@@ -119,6 +144,9 @@ def main():
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
+    p.add_argument(
+        "--profile", type=int, default=0, metavar="ROWS", help="print the top ROWS operators"
+    )
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

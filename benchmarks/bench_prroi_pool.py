@@ -32,6 +32,7 @@ import torch
 from torchvision.ops import roi_align
 
 from resim_d2.layers.prroi_pool import prroi_pool
+from resim_d2.layers.prroi_weights_triton import triton_available
 
 SHAPES = (
     # name, N, C, H, W, boxes per image, spatial scale, window (px)
@@ -112,6 +113,7 @@ def bench(args):
         f"device={device} ({dev_name})"
         f" dtype={args.dtype} threads={torch.get_num_threads()} torch={torch.__version__}"
         f" iters={args.iters} repeats={args.repeats} box_grad={args.box_grad}"
+        f" triton_weights={triton_available(device) and not args.box_grad}"
     )
     grads = "features and boxes (prroi_pool), features (roi_align)" if args.box_grad else "features"
     print(f"forward+backward (grad to {grads}), output 1x1, ms per call; ratio = roi_align / prroi")

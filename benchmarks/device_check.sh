@@ -1,28 +1,49 @@
 #!/usr/bin/env bash
 # One-shot GPU check for a machine with no package index: installs the carried pure-Python deps
-# and detectron2 v0.6's Python tree into /tmp/site, then runs the CUDA tests and the benchmarks.
-# Prepare the carry folder here first (see README "GPU checks"); output goes to $OUT (or ./out).
+# and detectron2 v0.6's Python tree into /tmp/site, then runs the CUDA tests and the benchmarks,
+# in the order of STEPS (most important first), each under its own time limit, logging to
+# $OUT/device.log as it goes so that a cut-off run still returns what it measured.
+# Prepare the carry folder here first (see README "GPU checks").
+#
+#   STEPS="prroi pretrain compile views" bash benchmarks/device_check.sh
 set -uo pipefail
 OUT="${OUT:-out}"; mkdir -p "$OUT"
+LOG="$OUT/device.log"
 CARRY="${CARRY:-.carry}"
+exec > >(tee -a "$LOG") 2>&1
 mkdir -p /tmp/site && cp -r "$CARRY"/site/* /tmp/site/
 python3 -m pip install -q --no-index --no-deps --target /tmp/site "$CARRY"/*.whl
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
 python3 tools/install_detectron2.py --sdist "$CARRY"/pb1-detectron2-0.6.tar.gz --site-dir /tmp/site
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
-run() { echo; echo "### $*"; timeout "${STEP_TIMEOUT:-300}" "$@" 2>&1 | grep -v -i warn; }
-for step in ${STEPS:-prroi pretrain}; do
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+run() {
+  local limit="$1"; shift
+  echo; echo "### [$(date +%T), limit ${limit}s] $*"
+  timeout "$limit" "$@" 2>&1 | grep -v -i -E "warn|^ *warnings\.|USDT|SyncActivity"
+}
+bench=benchmarks/bench_pretrain_step.py
+for step in ${STEPS:-prroi pretrain compile views}; do
   case "$step" in
     prroi)
-      run python3 -m pytest -q -p no:cacheprovider -m cuda tests/test_prroi_pool.py
-      run python3 benchmarks/bench_prroi_pool.py --device cuda
-      run python3 benchmarks/bench_prroi_pool.py --device cuda --check --dtype all ;;
+      run 90 python3 -m pytest -q -p no:cacheprovider -m cuda tests/test_prroi_pool.py
+      run 60 python3 benchmarks/bench_prroi_pool.py --device cuda
+      run 60 python3 benchmarks/bench_prroi_pool.py --device cuda --check --dtype all ;;
     pretrain)
-      run python3 benchmarks/bench_pretrain_step.py --device cuda --batch 128 --iters 10 --repeats 2
-      run python3 benchmarks/bench_pretrain_step.py --device cuda --batch 128 --iters 10 --repeats 2 --bf16 --channels-last ;;
+      run 120 python3 $bench --device cuda --batch 128 --bf16 --channels-last --repeats 2
+      run 120 python3 $bench --device cuda --batch 64 --bf16 --channels-last --repeats 2
+      run 120 python3 $bench --device cuda --batch 128 --repeats 2
+      run 60 python3 $bench --device cuda --batch 128 --bf16 --channels-last --repeats 1 \
+        --iters 5 --models resim_fpn --profile 25 ;;
+    pretrain64fp32)
+      run 120 python3 $bench --device cuda --batch 64 --repeats 2 ;;
     compile)
-      run python3 benchmarks/bench_pretrain_step.py --device cuda --batch 128 --bf16 --channels-last \
-        --compile --models mocov2 resim_fpn ;;
-    *) [ -x "benchmarks/device_$step.sh" ] && run bash "benchmarks/device_$step.sh" ;;
+      run 240 python3 $bench --device cuda --batch 128 --bf16 --channels-last --compile \
+        --models mocov2 resim_fpn --repeats 2 ;;
+    views)
+      run 150 python3 benchmarks/bench_gpu_views.py --device cuda --workers 16 --batch 128 \
+        --paths gpu --iters 15 --warmup 4 --train --depth 50 ;;
+    *) echo "unknown step $step" ;;
   esac
 done
+echo "### done $(date +%T)"
