@@ -101,6 +101,13 @@ def time_steps(cfg, batch, args):
             step()
         sync(args.device)
         rates.append(batch * args.iters / (time.perf_counter() - t0))
+    if args.compile:
+        from torch._dynamo.utils import counters
+
+        breaks = sum(counters["graph_break"].values())
+        graphs = counters["stats"].get("unique_graphs", 0)
+        print(f"  torch.compile: {graphs} graphs so far, {breaks} graph breaks", end="")
+        print("".join(f"\n    break: {r[:150]}" for r in list(counters["graph_break"])[:5]))
     if args.profile:
         profile_steps(step, cfg, args)
     if args.device.startswith("cuda"):

@@ -12,8 +12,9 @@ factor in [0.5, 2], as mapped key-view windows are. The baseline is
 detectron2's default ``POOLER_SAMPLING_RATIO``) and 2, timed in the same process on the same
 inputs.
 
-``prroi_pool`` is timed as called by default (it checks the boxes' image layout: one host-device
-sync) and with ``boxes_per_image`` given (no sync). CPU timing: ``time.perf_counter`` around
+``prroi_pool`` is timed as called by default with (R, 5) boxes (it checks the boxes' image layout:
+one host-device sync), with ``boxes_per_image`` given (no sync), and with the boxes as a (N, M, 4)
+tensor (no sync; how ReSim calls it). Ratios are against the default call. CPU timing: ``time.perf_counter`` around
 ``--iters`` calls after warm-up; CUDA timing: CUDA events around ``--iters`` calls after warm-up
 and ``torch.cuda.synchronize``. The candidates alternate within each of ``--repeats`` rounds and
 the best round is reported.
@@ -123,9 +124,11 @@ def bench(args):
         boxes = make_boxes(n, per, window, generator=g, device=device, dtype=dtype)
         boxes.requires_grad_(args.box_grad)
         grad_out = torch.randn(n * per, c, 1, 1, generator=g).to(device=device, dtype=dtype)
+        boxes_nm4 = boxes.detach()[:, 1:].reshape(n, per, 4).requires_grad_(args.box_grad)
         fns = {
             "prroi": _prroi_step(feat, boxes, scale, grad_out, args.box_grad),
             "prroi_bpi": _prroi_step(feat, boxes, scale, grad_out, args.box_grad, per),
+            "prroi_nm4": _prroi_step(feat, boxes_nm4, scale, grad_out, args.box_grad),
         }
         for ratio in (0, 2):
             try:
@@ -136,7 +139,8 @@ def bench(args):
                 print(f"  roi_align(sr={ratio}) unavailable: {str(e).splitlines()[0][-80:]}")
         ms = time_fns(fns, device, args.iters, args.warmup, args.repeats)
         line = f"{name:6s} {n * per:5d} boxes on {n}x{c}x{h}x{w} scale 1/{round(1 / scale)}: "
-        line += f"prroi_pool {ms['prroi']:8.3f} ms (boxes_per_image given: {ms['prroi_bpi']:.3f})"
+        line += f"prroi_pool {ms['prroi']:8.3f} ms (boxes_per_image given: {ms['prroi_bpi']:.3f}"
+        line += f", (N, M, 4) boxes: {ms['prroi_nm4']:.3f})"
         for ratio in (0, 2):
             if ratio in ms:
                 line += f" | roi_align(sr={ratio}) {ms[ratio]:8.3f} ms"

@@ -423,6 +423,9 @@ def test_triton_weight_kernel_matches_brute_force(tmp_path):
         boxes[0, 3] = boxes[0, 1]  # zero width
         boxes[1, [1, 3]] = boxes[1, [3, 1]]  # x1 < x0: empty
         cases.append((f, boxes, size, scale, aligned))
+    f = torch.randn(2, 5, 14, 14, generator=g)  # (N, M, 4) boxes: the kernel's 4-column layout
+    boxes = random_boxes(2, 14, 14, 14, scale=1 / 16, gen=g, dtype=torch.float32)[:, 1:]
+    cases.append((f, boxes.view(2, 7, 4), 1, 1 / 16, False))
     torch.save(cases, tmp_path / "in.pt")
     env = dict(os.environ, TRITON_INTERPRET="1", RESIM_D2_PRROI_TRITON="1")
     proc = subprocess.run(
@@ -436,10 +439,15 @@ def test_triton_weight_kernel_matches_brute_force(tmp_path):
     result = torch.load(tmp_path / "out.pt")
     assert result["calls"] == len(cases)  # the kernel really ran
     for (f, boxes, size, scale, aligned), (out, grad) in zip(cases, result["outs"]):
+        planted_empty = boxes.dim() == 2  # rows 0 and 1 were made empty above
+        if boxes.dim() == 3:
+            index = torch.arange(boxes.shape[0]).repeat_interleave(boxes.shape[1])
+            boxes = torch.cat([index[:, None].to(boxes), boxes.reshape(-1, 4)], dim=1)
         ref = reference(f, boxes, size, scale, aligned)
         tol = 1e-9 if f.dtype == torch.float64 else 1e-5
         torch.testing.assert_close(out.double(), ref, rtol=0, atol=tol)
-        assert out[1].abs().max() == 0
+        if planted_empty:
+            assert out[0].abs().max() == 0 and out[1].abs().max() == 0
         # gradient to the features: against the PyTorch path (itself checked against the brute
         # force and gradcheck above), float64
         ff = f.detach().double().requires_grad_(True)
@@ -563,3 +571,21 @@ def test_cuda_half_and_determinism(dtype):
     (g1,) = torch.autograd.grad(out.float().sum(), f)
     (g2,) = torch.autograd.grad(prroi_pool(f, boxes, 1, 1 / 16).float().sum(), f)
     assert torch.equal(g1, g2)
+
+
+def test_per_image_box_layout_n_m_4():
+    """(N, M, 4) boxes = the same boxes as (R, 5) rows n * M + m with batch index n."""
+    g = torch.Generator().manual_seed(29)
+    f = torch.randn(3, 4, 10, 12, generator=g, dtype=torch.float64, requires_grad=True)
+    xyxy = random_boxes(3, 15, 10, 12, scale=0.5, gen=g)[:, 1:].view(3, 5, 4)
+    index = torch.arange(3, dtype=torch.float64).repeat_interleave(5)[:, None]
+    rows = torch.cat([index, xyxy.reshape(-1, 4)], dim=1)
+    out = prroi_pool(f, xyxy.requires_grad_(True), (2, 2), 0.5)
+    torch.testing.assert_close(out, reference(f, rows, (2, 2), 0.5), rtol=0, atol=1e-9)
+    assert torch.autograd.gradcheck(
+        lambda ff, bb: prroi_pool(ff, bb, (2, 2), 0.5), (f, xyxy.detach().requires_grad_(True))
+    )
+    with pytest.raises(ValueError, match=r"\(N, M, 4\) = \(2, 5, 4\) need N = 3"):
+        prroi_pool(f, xyxy[:2], 1)
+    with pytest.raises(ValueError, match="boxes_per_image=4 contradicts boxes of shape"):
+        prroi_pool(f, xyxy, 1, boxes_per_image=4)

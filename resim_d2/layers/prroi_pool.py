@@ -99,11 +99,17 @@ def _check_inputs(features, boxes) -> Tensor:
         raise TypeError(f"prroi_pool: features must be floating point, got {features.dtype}")
     if isinstance(boxes, (list, tuple)):
         boxes = _boxes_from_list(boxes)
-    if not isinstance(boxes, Tensor) or boxes.dim() != 2 or boxes.shape[1] != 5:
+    per_image = isinstance(boxes, Tensor) and boxes.dim() == 3 and boxes.shape[2] == 4
+    if per_image and boxes.shape[0] != features.shape[0]:
+        raise ValueError(
+            f"prroi_pool: boxes of shape (N, M, 4) = {tuple(boxes.shape)} need N = "
+            f"{features.shape[0]} (the images of features)"
+        )
+    if not per_image and (not isinstance(boxes, Tensor) or boxes.dim() != 2 or boxes.shape[1] != 5):
         shape = tuple(boxes.shape) if isinstance(boxes, Tensor) else type(boxes).__name__
         raise ValueError(
-            f"prroi_pool: boxes must be a (R, 5) tensor of (batch_index, x0, y0, x1, y1), "
-            f"got {shape}"
+            f"prroi_pool: boxes must be a (R, 5) tensor of (batch_index, x0, y0, x1, y1) or a "
+            f"(N, M, 4) tensor of (x0, y0, x1, y1), got {shape}"
         )
     if not boxes.is_floating_point():
         raise TypeError(f"prroi_pool: boxes must be floating point, got {boxes.dtype}")
@@ -301,7 +307,9 @@ def prroi_pool(
     Args:
         features: (N, C, H, W) feature maps, float16 / bfloat16 / float32 / float64.
         boxes: (R, 5) tensor of ``(batch_index, x0, y0, x1, y1)`` in input-image pixels, or a list
-            of N tensors (R_n, 4) of ``(x0, y0, x1, y1)`` (as in torchvision's ``roi_align``).
+            of N tensors (R_n, 4) of ``(x0, y0, x1, y1)`` (as in torchvision's ``roi_align``), or
+            a (N, M, 4) tensor: M boxes ``(x0, y0, x1, y1)`` on each image (R = N * M, image-major;
+            no layout check and no host-device synchronisation, the fastest form on a GPU).
             Any floating dtype; gradients flow to the coordinates.
         output_size: ``ph`` = ``pw`` (int) or ``(ph, pw)``.
         spatial_scale: multiplies the box coordinates (1/stride of the map), e.g. 1/16.
@@ -315,7 +323,8 @@ def prroi_pool(
             ``fullgraph``). A wrong promise gives wrong results.
 
     Returns:
-        (R, C, ph, pw) tensor in the dtype of ``features``; box r pools image ``boxes[r, 0]``.
+        (R, C, ph, pw) tensor in the dtype of ``features``; box r pools image ``boxes[r, 0]``
+        (for (N, M, 4) boxes, row ``n * M + m`` is box m of image n).
         Bins of zero area give 0 (and zero gradient).
     """
     boxes = _check_inputs(features, boxes)
@@ -333,7 +342,15 @@ def prroi_pool(
         # The weights are built in float64 (they are small: (R, 2, q, max(H, W))) so that the bin
         # edges of small bins lose no precision, then cast to the dtype of the contraction.
         wdtype = torch.float32 if features.device.type == "mps" else torch.float64
-        if boxes_per_image is None:
+        if boxes.dim() == 3:  # (N, M, 4): the layout is the shape
+            if boxes_per_image not in (None, boxes.shape[1]):
+                raise ValueError(
+                    f"prroi_pool: boxes_per_image={boxes_per_image} contradicts boxes of shape "
+                    f"{tuple(boxes.shape)}"
+                )
+            rmax, pos, first = boxes.shape[1], None, 0
+            boxes = boxes.reshape(-1, 4)
+        elif boxes_per_image is None:
             rmax, pos = _group_by_image(boxes[:, 0].to(torch.int64), N)
         elif boxes.shape[0] == N * boxes_per_image and boxes_per_image >= 0:
             rmax, pos = boxes_per_image, None
@@ -342,12 +359,14 @@ def prroi_pool(
                 f"prroi_pool: boxes_per_image={boxes_per_image} with N = {N} images needs "
                 f"R = {N * boxes_per_image} boxes, got boxes of shape {tuple(boxes.shape)}"
             )
+        if boxes.shape[1] == 5:
+            first = 1  # column of x0
         box_grad = boxes.requires_grad and torch.is_grad_enabled()
         if not box_grad and wdtype == torch.float64 and triton_available(features.device):
             # one fused kernel instead of ~15 small ones (same float64 arithmetic)
             weights = bin_weights_triton(boxes, ph, pw, H, W, spatial_scale, aligned, dtype)
         else:
-            coords = boxes[:, 1:].to(wdtype) * spatial_scale
+            coords = boxes[:, first:].to(wdtype) * spatial_scale
             if aligned:
                 coords = coords - 0.5
             weights = _bin_weights(coords, ph, pw, H, W).to(dtype)

@@ -45,11 +45,13 @@ if triton is not None:
 
     @triton.jit
     def _weights_kernel(
-        boxes_ptr,  # (R, 5) any float dtype, contiguous: (batch_index, x0, y0, x1, y1)
+        boxes_ptr,  # (R, S) any float dtype, contiguous: (batch_index, x0, y0, x1, y1) or no index
         out_ptr,  # (R, 2, Q, L) contiguous, the contraction dtype
         R,
         scale,
         offset,
+        STRIDE: tl.constexpr,  # 5 or 4
+        FIRST: tl.constexpr,  # column of x0: 1 or 0
         PW: tl.constexpr,
         PH: tl.constexpr,
         Q: tl.constexpr,
@@ -64,8 +66,10 @@ if triton is not None:
         k = kl // L
         col = kl % L
         row_ok = rows < R
-        lo = tl.load(boxes_ptr + rows * 5 + 1 + axis, mask=row_ok, other=0.0).to(tl.float64)
-        hi = tl.load(boxes_ptr + rows * 5 + 3 + axis, mask=row_ok, other=0.0).to(tl.float64)
+        lo = tl.load(boxes_ptr + rows * STRIDE + FIRST + axis, mask=row_ok, other=0.0)
+        hi = tl.load(boxes_ptr + rows * STRIDE + FIRST + 2 + axis, mask=row_ok, other=0.0)
+        lo = lo.to(tl.float64)
+        hi = hi.to(tl.float64)
         lo = lo * scale - offset
         hi = hi * scale - offset
         nbins = tl.where(axis == 0, PW, PH).to(tl.float64)
@@ -101,7 +105,8 @@ def bin_weights_triton(
     """Weights of ``prroi_pool._bin_weights`` straight from the boxes, in ``dtype``.
 
     Args:
-        boxes: (R, 5) ``(batch_index, x0, y0, x1, y1)`` in input pixels (no gradient is computed).
+        boxes: (R, 5) ``(batch_index, x0, y0, x1, y1)`` or (R, 4) ``(x0, y0, x1, y1)`` in input
+            pixels (no gradient is computed).
         ph, pw: output size; H, W: feature map size.
 
     Returns:
@@ -123,6 +128,8 @@ def bin_weights_triton(
         R,
         float(spatial_scale),
         0.5 if aligned else 0.0,
+        STRIDE=boxes.shape[1],
+        FIRST=boxes.shape[1] - 4,
         PW=pw,
         PH=ph,
         Q=q,

@@ -130,13 +130,15 @@ def region_infonce(
         mean_neg = negatives.to(wide).mean(dim=1, keepdim=True)  # (G, 1, D)
         q_rows = q.detach().to(wide).view(groups, R // groups, D)
         neg_mean = torch.bmm(mean_neg, q_rows.transpose(1, 2))  # (G, 1, R) mean of q . n
-        stats = {
-            "pos_sim": _masked_mean(l_pos * temperature, validf, count),
-            "neg_sim": _masked_mean(neg_mean.reshape(R).to(q.dtype), validf, count),
-            "acc_top1": _masked_mean(
-                (l_pos >= neg_max.reshape(R).to(l_pos.dtype)).to(q.dtype), validf, count
-            ),
-        }
+        values = torch.stack(
+            [
+                l_pos * temperature,
+                neg_mean.reshape(R).to(l_pos.dtype),
+                (l_pos >= neg_max.reshape(R).to(l_pos.dtype)).to(l_pos.dtype),
+            ]
+        )  # (3, R)
+        means = (values * validf.to(values.dtype)).sum(dim=1) / count
+        stats = dict(zip(("pos_sim", "neg_sim", "acc_top1"), means.to(q.dtype).unbind()))
     return loss, stats
 
 

@@ -53,10 +53,11 @@ def pool_regions(
     B, C = features.shape[:2]
     M = boxes.shape[1]
     feats = features.float()
-    rois = _rois(boxes.to(device=feats.device, dtype=torch.float32))
+    boxes = boxes.to(device=feats.device, dtype=torch.float32)
     if pooler_type == "PrRoIPool":
-        out = prroi_pool(feats, rois, 1, spatial_scale, boxes_per_image=M)  # image-major rois
+        out = prroi_pool(feats, boxes, 1, spatial_scale)  # (B, M, 4): M boxes per image
     elif pooler_type == "ROIAlign":
+        rois = _rois(boxes)
         out = roi_align(feats, rois, output_size=1, spatial_scale=spatial_scale, sampling_ratio=0)
     else:
         raise ValueError(
