@@ -14,10 +14,6 @@ import torch.nn.functional as F
 __all__ = ["region_infonce", "global_infonce", "simsiam_loss"]
 
 
-def _masked_mean(x: torch.Tensor, mask: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
-    return (x * mask).sum() / count
-
-
 # Above this bound on |logit| (1 / temperature for unit vectors) the exponentials are shifted by
 # each row's largest logit; below it exp cannot overflow float32 / bfloat16 (e^30 * 1e7 < 3e38) and
 # the shift (one more pass over the logits) is skipped.
