@@ -15,9 +15,9 @@ inputs.
 ``prroi_pool`` is timed as called by default with (R, 5) boxes (it checks the boxes' image layout:
 one host-device sync), with ``boxes_per_image`` given (no sync), and with the boxes as a (N, M, 4)
 tensor (no sync; how ReSim calls it). Ratios are against the default call. CPU timing:
-``time.perf_counter`` around ``--iters`` calls after warm-up; CUDA timing: CUDA events around ``--iters`` calls after warm-up
-and ``torch.cuda.synchronize``. The candidates alternate within each of ``--repeats`` rounds and
-the best round is reported.
+``time.perf_counter`` around ``--iters`` calls after warm-up; CUDA timing: CUDA events around
+``--iters`` calls after warm-up and ``torch.cuda.synchronize``. The candidates alternate within
+each of ``--repeats`` rounds and the best round is reported.
 
     python benchmarks/bench_prroi_pool.py                      # CPU, float32
     python benchmarks/bench_prroi_pool.py --device cuda --iters 200
