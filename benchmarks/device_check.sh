@@ -29,12 +29,19 @@ for step in ${STEPS:-prroi pretrain compile views}; do
       run 90 python3 -m pytest -q -p no:cacheprovider -m cuda tests/test_prroi_pool.py
       run 60 python3 benchmarks/bench_prroi_pool.py --device cuda
       run 60 python3 benchmarks/bench_prroi_pool.py --device cuda --check --dtype all ;;
+    prroi_bench)
+      run 60 python3 benchmarks/bench_prroi_pool.py --device cuda ;;
     pretrain)
       run 120 python3 $bench --device cuda --batch 128 --bf16 --channels-last --repeats 2
       run 120 python3 $bench --device cuda --batch 64 --bf16 --channels-last --repeats 2
       run 120 python3 $bench --device cuda --batch 128 --repeats 2
       run 60 python3 $bench --device cuda --batch 128 --bf16 --channels-last --repeats 1 \
         --iters 5 --models resim_fpn --profile 25 ;;
+    pretrain_bf16)
+      run 120 python3 $bench --device cuda --batch 128 64 --bf16 --channels-last --repeats 2 ;;
+    compile_profile)
+      run 300 python3 $bench --device cuda --batch 128 --bf16 --channels-last --compile \
+        --models mocov2 resim_fpn --repeats 2 --profile 30 ;;
     pretrain64fp32)
       run 120 python3 $bench --device cuda --batch 64 --repeats 2 ;;
     compile)
