@@ -118,6 +118,13 @@ def add_resim_config(cfg):
     _C.RESIM.SIMSIAM.PROJ_DIM = 2048
     # Prediction MLP bottleneck width.
     _C.RESIM.SIMSIAM.PRED_HIDDEN_DIM = 512
+    # Region objective of ReSim on SimSiam: "cosine" (SimSiam's symmetric negative cosine per window
+    # pair, with Table 7's per-level MLPs on the pooled windows: projection C -> C -> C, prediction
+    # C -> C*REGION_PRED_RATIO -> C) or "infonce" (the MoCo variant's region InfoNCE with in-batch
+    # negatives from the same encoder's key view).
+    _C.RESIM.SIMSIAM.REGION_LOSS = "cosine"
+    # Bottleneck of the region prediction MLP as a fraction of the level's channels (Table 7: 1/4).
+    _C.RESIM.SIMSIAM.REGION_PRED_RATIO = 0.25
 
     # ---------------------------------------------------------------- pre-training schedule
     _C.RESIM.SCHEDULE = CN()

@@ -12,7 +12,12 @@ import torch.nn.functional as F
 
 import resim_d2  # noqa: F401
 from resim_d2.modeling import distributed as du
-from resim_d2.modeling.losses import global_infonce, region_infonce, simsiam_loss
+from resim_d2.modeling.losses import (
+    global_infonce,
+    region_infonce,
+    region_simsiam_loss,
+    simsiam_loss,
+)
 from resim_d2.modeling.region_pooling import pool_regions, region_negatives
 
 
@@ -252,3 +257,52 @@ def test_distributed_helpers_are_noops_in_one_process():
     (y,), idx = du.batch_shuffle([x])
     assert idx is None and y is x
     assert du.batch_unshuffle(x, None) is x
+
+
+# ----------------------------------------------------------------------- ReSim on SimSiam (Table 7)
+def test_region_simsiam_loss_matches_loop_reference():
+    g = torch.Generator().manual_seed(31)
+    p1, p2, z1, z2 = (torch.randn(6, 5, generator=g, dtype=torch.float64) for _ in range(4))
+    p1.requires_grad_(True)
+    z2.requires_grad_(True)
+    valid = torch.tensor([1, 0, 1, 1, 0, 1], dtype=torch.bool)
+    loss, stats = region_simsiam_loss(p1, p2, z1, z2, valid)
+    terms = []
+    for i in range(6):
+        if valid[i]:
+            c1 = torch.dot(p1[i], z2[i]) / (p1[i].norm() * z2[i].norm())
+            c2 = torch.dot(p2[i], z1[i]) / (p2[i].norm() * z1[i].norm())
+            terms.append(-(c1 + c2) / 2)
+    ref = torch.stack(terms).mean()
+    torch.testing.assert_close(loss, ref.detach(), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(stats["pos_sim"], -ref.detach(), rtol=1e-12, atol=1e-12)
+    gp, gz = torch.autograd.grad(loss, (p1, z2), allow_unused=True)
+    assert gz is None  # stop-gradient on the projections
+    assert torch.all(gp[~valid] == 0) and torch.all(gp[valid].abs().sum(1) > 0)
+
+
+def test_masked_batch_norm_uses_only_valid_rows():
+    from resim_d2.modeling.heads import MaskedBatchNorm1d
+
+    g = torch.Generator().manual_seed(32)
+    x = torch.randn(10, 4, generator=g, dtype=torch.float64) * 3 + 1
+    mask = torch.tensor([1, 1, 0, 1, 0, 1, 1, 0, 1, 1], dtype=torch.bool)
+    ours = MaskedBatchNorm1d(4).double()
+    ref = torch.nn.BatchNorm1d(4).double()  # torch's own BN on the valid rows only
+    with torch.no_grad():
+        ours.weight.copy_(torch.tensor([1.0, 2.0, 0.5, -1.0]))
+        ours.bias.copy_(torch.tensor([0.0, 1.0, -1.0, 0.5]))
+        ref.load_state_dict(ours.state_dict())
+    x_bad = x.clone()
+    x_bad[~mask] = 1e6  # padded rows must not matter
+    out = ours(x_bad, mask)
+    torch.testing.assert_close(out[mask], ref(x[mask]))
+    torch.testing.assert_close(ours.running_mean, ref.running_mean)
+    torch.testing.assert_close(ours.running_var, ref.running_var)
+    # no valid row: finite output, running statistics unchanged
+    before = ours.running_mean.clone()
+    out = ours(x, torch.zeros(10, dtype=torch.bool))
+    assert torch.isfinite(out).all() and torch.equal(ours.running_mean, before)
+    ours.eval()
+    ref.eval()
+    torch.testing.assert_close(ours(x, mask), ref(x))  # eval: running statistics, mask ignored

@@ -3,10 +3,15 @@
 Sizes follow the paper (§3.4, Table 7): MoCo-v2's MLP C5 2048 -> 2048 -> 128; SimSiam's 3-layer
 projection (2048 wide, BN) and 2048 -> 512 -> 2048 predictor; the region projection is two 3x3 convs
 to 128 channels with BN + ReLU after the first, or nothing ("none", the released code's raw maps).
+For ReSim on SimSiam, Table 7 also gives per-level region MLPs on the pooled window features:
+projection C -> C -> C and prediction C -> C/4 -> C (C4: 1024 -> 256 -> 1024, C3: 512 -> 128 ->
+512), :class:`RegionSimSiamMLP`, whose batch norms count only the valid windows
+(:class:`MaskedBatchNorm1d`).
 """
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from detectron2.layers import get_norm
@@ -18,6 +23,8 @@ __all__ = [
     "RegionProjection",
     "build_region_head",
     "norm_1d",
+    "MaskedBatchNorm1d",
+    "RegionSimSiamMLP",
 ]
 
 
@@ -134,3 +141,58 @@ def build_region_head(kind: str, in_channels: int, dim: int, norm: str) -> tuple
     if kind == "none":
         return nn.Identity(), in_channels
     raise ValueError(f"RESIM.REGION.HEAD must be 'conv' or 'none', got '{kind}'")
+
+
+class MaskedBatchNorm1d(nn.BatchNorm1d):
+    """BatchNorm1d whose batch statistics use only the rows where ``mask`` is True.
+
+    ``forward(x (R, C), mask (R,) bool) -> (R, C)``. ReSim pads every image to the same number of
+    windows; padded rows must not enter the statistics (they are normalised too, and then ignored
+    by the loss). No host synchronisation: the masked moments are weighted sums. Running statistics
+    are updated as BatchNorm1d does (unbiased variance), and not at all for a batch with fewer than
+    two valid rows. The statistics are per process (not synchronised across GPUs).
+    """
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        if mask is None or not self.training:
+            return super().forward(x)
+        m = mask.to(x.dtype)[:, None]
+        n = m.sum()
+        count = n.clamp_min(1.0)
+        mean = (x * m).sum(dim=0) / count
+        var = ((x - mean).square() * m).sum(dim=0) / count
+        if self.track_running_stats:
+            with torch.no_grad():
+                unbiased = var * (n / (n - 1).clamp_min(1.0))
+                mom = self.momentum if self.momentum is not None else 0.1
+                ok = n >= 2
+                new_mean = (1 - mom) * self.running_mean + mom * mean.to(self.running_mean.dtype)
+                new_var = (1 - mom) * self.running_var + mom * unbiased.to(self.running_var.dtype)
+                self.running_mean.copy_(torch.where(ok, new_mean, self.running_mean))
+                self.running_var.copy_(torch.where(ok, new_var, self.running_var))
+                self.num_batches_tracked.add_(ok.to(self.num_batches_tracked.dtype))
+        out = (x - mean) * torch.rsqrt(var + self.eps)
+        if self.affine:
+            out = out * self.weight + self.bias
+        return out
+
+
+class RegionSimSiamMLP(nn.Module):
+    """Per-window MLP of ReSim on SimSiam (paper Table 7): Linear -> masked BN -> ReLU -> Linear
+    (-> masked BN without affine for a projection, as SimSiam's projector ends).
+
+    ``forward(x (R, in_dim), mask (R,) bool) -> (R, out_dim)``. Projection: ``in -> in -> in``
+    (``final_norm=True``); prediction: ``in -> in/4 -> in`` (``final_norm=False``).
+    """
+
+    def __init__(self, in_dim: int, hidden_dim: int, out_dim: int, final_norm: bool):
+        super().__init__()
+        self.fc1 = nn.Linear(in_dim, hidden_dim, bias=False)
+        self.bn1 = MaskedBatchNorm1d(hidden_dim)
+        self.relu = nn.ReLU(inplace=True)
+        self.fc2 = nn.Linear(hidden_dim, out_dim, bias=not final_norm)
+        self.bn2 = MaskedBatchNorm1d(out_dim, affine=False) if final_norm else None
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        x = self.fc2(self.relu(self.bn1(self.fc1(x), mask)))
+        return self.bn2(x, mask) if self.bn2 is not None else x

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["region_infonce", "global_infonce", "simsiam_loss"]
+__all__ = ["region_infonce", "global_infonce", "simsiam_loss", "region_simsiam_loss"]
 
 
 # Above this bound on |logit| (1 / temperature for unit vectors) the exponentials are shifted by
@@ -203,4 +203,44 @@ def simsiam_loss(p1: torch.Tensor, p2: torch.Tensor, z1: torch.Tensor, z2: torch
             .mean(),
             "z_std": F.normalize(z1, dim=1).std(dim=0).mean(),
         }
+    return loss, stats
+
+
+def region_simsiam_loss(
+    p1: torch.Tensor,
+    p2: torch.Tensor,
+    z1: torch.Tensor,
+    z2: torch.Tensor,
+    valid: torch.Tensor,
+    denom: torch.Tensor | None = None,
+):
+    """SimSiam's symmetric negative cosine per window pair, averaged over valid windows.
+
+    For window i (query view 1, key view 2): ``-(cos(p1_i, sg(z2_i)) + cos(p2_i, sg(z1_i))) / 2``.
+
+    Args:
+        p1, p2: (R, D) predictions of the query / key windows.
+        z1, z2: (R, D) projections of the query / key windows (detached here).
+        valid: (R,) bool; padded windows contribute 0 (and stay in the graph).
+        denom: optional 0-dim tensor to divide the summed loss by (default ``max(valid.sum(), 1)``),
+            as in :func:`region_infonce`.
+
+    Returns:
+        loss: 0-dim tensor, minimum -1.
+        stats: {"pos_sim": mean cosine over valid windows and both directions, "z_std": std of the
+        L2-normalised z1 over valid windows per dimension, averaged (collapse indicator)}.
+    """
+    validf = valid.to(p1.dtype)
+    count = validf.sum().clamp_min(1.0)
+    if denom is None:
+        denom = count
+    c = (
+        F.cosine_similarity(p1, z2.detach(), dim=1) + F.cosine_similarity(p2, z1.detach(), dim=1)
+    ) / 2  # (R,)
+    loss = -(c * validf).sum() / denom
+    with torch.no_grad():
+        zn = F.normalize(z1.detach(), dim=1)
+        mean = (zn * validf[:, None]).sum(0) / count
+        var = ((zn - mean).square() * validf[:, None]).sum(0) / (count - 1).clamp_min(1.0)
+        stats = {"pos_sim": (c.detach() * validf).sum() / count, "z_std": var.sqrt().mean()}
     return loss, stats

@@ -71,8 +71,14 @@ from detectron2.modeling.backbone.fpn import FPN
 from detectron2.utils.events import get_event_storage
 
 from . import distributed as dist_utils
-from .heads import MoCoMLP, SimSiamPredictor, SimSiamProjector, build_region_head
-from .losses import global_infonce, region_infonce, simsiam_loss
+from .heads import (
+    MoCoMLP,
+    RegionSimSiamMLP,
+    SimSiamPredictor,
+    SimSiamProjector,
+    build_region_head,
+)
+from .losses import global_infonce, region_infonce, region_simsiam_loss, simsiam_loss
 from .region_pooling import POOLER_TYPES, pool_regions, region_negatives
 
 __all__ = ["ReSim", "backbone_features", "all_output_shapes"]
@@ -173,6 +179,8 @@ class ReSim(nn.Module):
         global_head: nn.Module,
         region_heads: nn.ModuleDict,
         predictor: nn.Module | None = None,
+        region_mlps: nn.ModuleDict | None = None,
+        simsiam_region_loss: str = "infonce",
         pixel_mean,
         pixel_std,
         framework: str = "moco",
@@ -203,6 +211,10 @@ class ReSim(nn.Module):
             region_heads: {feature: region head} (RegionProjection or Identity); empty for the
                 baselines.
             predictor: SimSiam's predictor (None for MoCo-v2).
+            region_mlps: SimSiam with ``simsiam_region_loss`` "cosine": {feature: ModuleDict with
+                "proj" and "pred" :class:`RegionSimSiamMLP`} on the pooled windows.
+            simsiam_region_loss: "cosine" (Table 7's region MLPs, SimSiam's loss per window) or
+                "infonce" (region InfoNCE, as in the MoCo variant); see ``RESIM.SIMSIAM``.
             pixel_mean, pixel_std: per-channel input normalisation, in the 0-255 range (RGB).
             framework: "moco" or "simsiam".
             global_in_feature: map average-pooled for the global branch ("res5").
@@ -259,6 +271,19 @@ class ReSim(nn.Module):
         self.global_head = global_head
         self.region_heads = region_heads if region_enabled else nn.ModuleDict()
         self.predictor = predictor
+        simsiam_region_loss = simsiam_region_loss.lower()
+        if simsiam_region_loss not in ("cosine", "infonce"):
+            raise ValueError(
+                "RESIM.SIMSIAM.REGION_LOSS must be 'cosine' or 'infonce', "
+                f"got '{simsiam_region_loss}'"
+            )
+        self.region_cosine = (
+            framework == "simsiam" and region_enabled and (simsiam_region_loss == "cosine")
+        )
+        region_mlps = region_mlps if region_mlps is not None else nn.ModuleDict()
+        if self.region_cosine and set(region_mlps.keys()) != set(region_in_features):
+            raise ValueError("SimSiam's cosine region loss needs region_mlps for every feature")
+        self.region_mlps = region_mlps if self.region_cosine else nn.ModuleDict()
         self.global_in_feature = global_in_feature
         self.region_enabled = bool(region_enabled)
         self.region_in_features = list(region_in_features)
@@ -362,7 +387,7 @@ class ReSim(nn.Module):
             raise ValueError(
                 f"RESIM.GLOBAL.FRAMEWORK must be 'moco' or 'simsiam', got '{framework}'"
             )
-        region_heads = nn.ModuleDict()
+        region_heads, region_dims = nn.ModuleDict(), {}
         if r.REGION.ENABLED:
             for f in r.REGION.IN_FEATURES:
                 if f not in shapes:
@@ -370,14 +395,28 @@ class ReSim(nn.Module):
                         f"RESIM.REGION.IN_FEATURES '{f}' is not a backbone output "
                         f"({sorted(shapes)})"
                     )
-                region_heads[f], _ = build_region_head(
+                region_heads[f], region_dims[f] = build_region_head(
                     r.REGION.HEAD, shapes[f].channels, r.REGION.HEAD_DIM, rn.NORM
+                )
+        region_mlps = nn.ModuleDict()
+        cosine = framework == "simsiam" and r.SIMSIAM.REGION_LOSS.lower() == "cosine"
+        if r.REGION.ENABLED and cosine:
+            for f in r.REGION.IN_FEATURES:
+                c = region_dims[f]
+                hidden = max(1, round(c * r.SIMSIAM.REGION_PRED_RATIO))
+                region_mlps[f] = nn.ModuleDict(
+                    {
+                        "proj": RegionSimSiamMLP(c, c, c, final_norm=True),
+                        "pred": RegionSimSiamMLP(c, hidden, c, final_norm=False),
+                    }
                 )
         return {
             "backbone": backbone,
             "global_head": global_head,
             "region_heads": region_heads,
             "predictor": predictor,
+            "region_mlps": region_mlps,
+            "simsiam_region_loss": r.SIMSIAM.REGION_LOSS,
             "pixel_mean": cfg.MODEL.PIXEL_MEAN,
             "pixel_std": cfg.MODEL.PIXEL_STD,
             "framework": framework,
@@ -558,6 +597,28 @@ class ReSim(nn.Module):
             metrics[f"region_{f}/{name}"] = value
         metrics[f"region_{f}/valid_per_image"] = n_valid.detach() / B
 
+    def _region_cosine_loss(self, f, q_map, k_map, boxes_q, boxes_k, valid, losses, metrics):
+        """ReSim on SimSiam (Table 7): SimSiam's loss between the query and key window of each
+        valid window pair, through the level's projection and prediction MLPs."""
+        B = boxes_q.shape[0]
+        scale = 1.0 / self.region_strides[f]
+        mask = valid.flatten()
+        vq = pool_regions(q_map, boxes_q, scale, self.pooler_type).flatten(0, 1)  # (B*M, C)
+        vk = pool_regions(k_map, boxes_k, scale, self.pooler_type).flatten(0, 1)
+        mlp = self.region_mlps[f]
+        with self._autocast():
+            z1, z2 = mlp["proj"](vq, mask), mlp["proj"](vk, mask)
+            p1, p2 = mlp["pred"](z1, mask), mlp["pred"](z2, mask)
+        n_valid = valid.float().sum()
+        denom = dist_utils.all_reduce_mean(n_valid).clamp_min(1.0 / dist_utils.world_size())
+        loss, stats = region_simsiam_loss(
+            p1.float(), p2.float(), z1.float(), z2.float(), mask, denom
+        )
+        losses[f"loss_region_{f}"] = loss * self.region_loss_weights[f]
+        for name, value in stats.items():
+            metrics[f"region_{f}/{name}"] = value
+        metrics[f"region_{f}/valid_per_image"] = n_valid.detach() / B
+
     # ------------------------------------------------------------------ forward
     def forward(self, batched_inputs):
         if not self.training:
@@ -627,8 +688,13 @@ class ReSim(nn.Module):
 
         with self._autocast():
             z1, q_maps = encode(self.backbone, self.global_head, self.region_heads, x_q)
+            # the cosine region loss is symmetric: the key view's windows need gradients too
             z2, k_maps = encode(
-                self.backbone, self.global_head, self.region_heads, x_k, region_grad=False
+                self.backbone,
+                self.global_head,
+                self.region_heads,
+                x_k,
+                region_grad=self.region_cosine,
             )
             p1 = self.predictor(z1)
             p2 = self.predictor(z2)
@@ -638,6 +704,9 @@ class ReSim(nn.Module):
         metrics = {f"global/{n}": v for n, v in stats.items()}
         for f in windows:
             bq, bk, valid = windows[f]
+            if self.region_cosine:
+                self._region_cosine_loss(f, q_maps[f], k_maps[f], bq, bk, valid, out, metrics)
+                continue
             with torch.no_grad():
                 k_map = k_maps[f].detach().float()
                 kr = pool_regions(k_map, bk, 1.0 / self.region_strides[f], self.pooler_type)
