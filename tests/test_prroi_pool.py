@@ -589,3 +589,18 @@ def test_per_image_box_layout_n_m_4():
         prroi_pool(f, xyxy[:2], 1)
     with pytest.raises(ValueError, match="boxes_per_image=4 contradicts boxes of shape"):
         prroi_pool(f, xyxy, 1, boxes_per_image=4)
+
+
+def test_triton_path_compiles_a_bounded_number_of_shapes(monkeypatch):
+    T = importlib.import_module("resim_d2.layers.prroi_weights_triton")
+    if T.triton is None:
+        pytest.skip("triton is not installed")
+    monkeypatch.setattr(T, "_interpreting", lambda: True)
+    monkeypatch.setattr(T, "_shapes", set())
+    monkeypatch.setattr(T, "MAX_SHAPES", 2)
+    cpu = torch.device("cpu")
+    assert T.triton_available(cpu, (1, 1, 14, 14)) and T.triton_available(cpu, (7, 7, 50, 60))
+    assert not T.triton_available(cpu, (7, 7, 50, 61))  # a third shape: PyTorch path
+    assert T.triton_available(cpu, (1, 1, 14, 14))  # one already compiled: still Triton
+    monkeypatch.setenv("RESIM_D2_PRROI_TRITON", "0")
+    assert not T.triton_available(cpu, (1, 1, 14, 14))

@@ -362,7 +362,11 @@ def prroi_pool(
         if boxes.shape[1] == 5:
             first = 1  # column of x0
         box_grad = boxes.requires_grad and torch.is_grad_enabled()
-        if not box_grad and wdtype == torch.float64 and triton_available(features.device):
+        if (
+            not box_grad
+            and wdtype == torch.float64
+            and triton_available(features.device, (ph, pw, H, W))
+        ):
             # one fused kernel instead of ~15 small ones (same float64 arithmetic)
             weights = bin_weights_triton(boxes, ph, pw, H, W, spatial_scale, aligned, dtype)
         else:

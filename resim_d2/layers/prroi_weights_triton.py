@@ -32,13 +32,30 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def triton_available(device: torch.device) -> bool:
-    """Whether :func:`bin_weights_triton` can run on ``device`` in this process."""
+# The kernel is specialised (compiled) per output size and map side. ReSim uses two or three; a
+# detector whose input sizes vary would compile one per new map side, so after this many distinct
+# shapes new ones take the PyTorch path instead of stalling on compilation.
+MAX_SHAPES = 16
+_shapes: set = set()
+
+
+def triton_available(device: torch.device, shape: tuple | None = None) -> bool:
+    """Whether :func:`bin_weights_triton` can run on ``device`` in this process (for weights of
+    ``shape`` = (ph, pw, H, W), if given: within the :data:`MAX_SHAPES` compiled so far)."""
     if triton is None or os.environ.get("RESIM_D2_PRROI_TRITON", "1") == "0":
         return False
     if torch.compiler.is_compiling():  # traced code: inductor fuses the PyTorch path by itself
         return False
-    return device.type == "cuda" or (device.type == "cpu" and _interpreting())
+    if not (device.type == "cuda" or (device.type == "cpu" and _interpreting())):
+        return False
+    if shape is not None:
+        ph, pw, H, W = shape
+        key = (ph, pw, max(H, W))
+        if key not in _shapes:
+            if len(_shapes) >= MAX_SHAPES:
+                return False
+            _shapes.add(key)
+    return True
 
 
 if triton is not None:
