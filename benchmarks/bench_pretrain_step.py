@@ -41,6 +41,7 @@ def make_cfg(name, args, batch):
     cfg.RESIM.SPEED.AMP_DTYPE = "bfloat16" if args.bf16 else ""
     cfg.RESIM.SPEED.CHANNELS_LAST = args.channels_last
     cfg.RESIM.SPEED.COMPILE = args.compile
+    cfg.RESIM.SPEED.COMPILE_MODE = args.compile_mode
     if args.depth != 50:
         cfg.MODEL.RESNETS.DEPTH = args.depth
         cfg.MODEL.RESNETS.RES2_OUT_CHANNELS = 64 if args.depth < 50 else 256
@@ -146,6 +147,7 @@ def main():
     p.add_argument("--bf16", action="store_true", help="RESIM.SPEED.AMP_DTYPE bfloat16")
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--compile", action="store_true", help="torch.compile the encoders")
+    p.add_argument("--compile-mode", default="default", help="RESIM.SPEED.COMPILE_MODE")
     p.add_argument("--depth", type=int, default=50)
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
@@ -161,7 +163,7 @@ def main():
         torch.backends.cudnn.benchmark = True
     mode = "bf16" if args.bf16 else "fp32"
     mode += "+channels_last" if args.channels_last else ""
-    mode += "+compile" if args.compile else ""
+    mode += f"+compile({args.compile_mode})" if args.compile else ""
     dev = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
     print(f"device={dev} torch={torch.__version__} R{args.depth} 224px mode={mode}")
     for batch in args.batch:

@@ -42,6 +42,9 @@ for step in ${STEPS:-prroi pretrain compile views}; do
     compile_profile)
       run 300 python3 $bench --device cuda --batch 128 --bf16 --channels-last --compile \
         --models mocov2 resim_fpn --repeats 2 --profile 30 ;;
+    compile_graphs)
+      run 300 python3 $bench --device cuda --batch 128 64 --bf16 --channels-last --compile \
+        --compile-mode reduce-overhead --repeats 2 ;;
     pretrain64fp32)
       run 120 python3 $bench --device cuda --batch 64 --repeats 2 ;;
     compile)

@@ -185,4 +185,7 @@ def add_resim_config(cfg):
     _C.RESIM.SPEED.CHANNELS_LAST = False
     # torch.compile the encoders.
     _C.RESIM.SPEED.COMPILE = False
+    # torch.compile mode when COMPILE is on: "default", "reduce-overhead" (CUDA graphs, for steps
+    # bound by kernel launches; needs static shapes) or "max-autotune-no-cudagraphs".
+    _C.RESIM.SPEED.COMPILE_MODE = "default"
     return cfg

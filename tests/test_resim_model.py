@@ -527,3 +527,10 @@ def test_simsiam_region_mlps_have_table7_sizes_and_ignore_padding():
     losses = [model(b)["loss_region_res4"].detach() for b in (batch, padded)]
     assert losses[0] != 0
     torch.testing.assert_close(losses[0], losses[1], rtol=1e-5, atol=1e-6)
+
+
+def test_compile_mode_is_checked():
+    cfg = tiny_cfg("c4")
+    cfg.RESIM.SPEED.COMPILE_MODE = "fastest"
+    with pytest.raises(ValueError, match="RESIM.SPEED.COMPILE_MODE must be one of"):
+        build(cfg)

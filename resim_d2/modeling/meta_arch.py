@@ -202,6 +202,7 @@ class ReSim(nn.Module):
         amp_dtype: str = "",
         channels_last: bool = False,
         compile_encoders: bool = False,
+        compile_mode: str = "default",
     ):
         """
         Args:
@@ -229,6 +230,7 @@ class ReSim(nn.Module):
             amp_dtype: "" (fp32) or "bfloat16" autocast around encoders and heads.
             channels_last: channels-last memory format for encoders and inputs.
             compile_encoders: torch.compile the encoder function (backbone + heads).
+            compile_mode: ``torch.compile``'s mode ("default", "reduce-overhead", ...).
         """
         super().__init__()
         framework = framework.lower()
@@ -310,6 +312,12 @@ class ReSim(nn.Module):
         self.amp_dtype = _AMP_DTYPES[amp_dtype]
         self.channels_last = bool(channels_last)
         self.compile_encoders = bool(compile_encoders)
+        modes = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+        if compile_mode not in modes:
+            raise ValueError(
+                f"RESIM.SPEED.COMPILE_MODE must be one of {modes}, got '{compile_mode}'"
+            )
+        self.compile_mode = compile_mode
         # log-only metrics of the last training forward (see the module docstring)
         self.last_metrics: dict[str, torch.Tensor] = {}
         # host-side numbers about the batch (records the loader skipped, in this process)
@@ -438,6 +446,7 @@ class ReSim(nn.Module):
             "amp_dtype": r.SPEED.AMP_DTYPE,
             "channels_last": r.SPEED.CHANNELS_LAST,
             "compile_encoders": r.SPEED.COMPILE,
+            "compile_mode": r.SPEED.COMPILE_MODE,
         }
 
     # ------------------------------------------------------------------ helpers
@@ -522,7 +531,7 @@ class ReSim(nn.Module):
             return self._encode
         fn = self.__dict__.get("_compiled_encode")
         if fn is None:
-            fn = torch.compile(self._encode)
+            fn = torch.compile(self._encode, mode=self.compile_mode)
             self.__dict__["_compiled_encode"] = fn
         return fn
 
