@@ -153,7 +153,7 @@ def _run_steps(model, loader, steps):
         opt.zero_grad()
         total.backward()
         opt.step()
-        losses.append({k: float(v) for k, v in loss_dict.items()})
+        losses.append({k: float(v.detach()) for k, v in loss_dict.items()})
     return losses
 
 
