@@ -348,7 +348,7 @@ def prroi_pool(
                     f"prroi_pool: boxes_per_image={boxes_per_image} contradicts boxes of shape "
                     f"{tuple(boxes.shape)}"
                 )
-            rmax, pos, first = boxes.shape[1], None, 0
+            rmax, pos = boxes.shape[1], None
             boxes = boxes.reshape(-1, 4)
         elif boxes_per_image is None:
             rmax, pos = _group_by_image(boxes[:, 0].to(torch.int64), N)
@@ -359,8 +359,7 @@ def prroi_pool(
                 f"prroi_pool: boxes_per_image={boxes_per_image} with N = {N} images needs "
                 f"R = {N * boxes_per_image} boxes, got boxes of shape {tuple(boxes.shape)}"
             )
-        if boxes.shape[1] == 5:
-            first = 1  # column of x0
+        first = boxes.shape[1] - 4  # column of x0: 1 for (R, 5) rows, 0 for (R, 4)
         box_grad = boxes.requires_grad and torch.is_grad_enabled()
         if (
             not box_grad

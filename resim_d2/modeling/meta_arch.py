@@ -574,6 +574,21 @@ class ReSim(nn.Module):
         self.queue.index_copy_(1, idx, keys.t().to(self.queue.dtype))
         self.queue_ptr.copy_((self.queue_ptr + n) % size)
 
+    @staticmethod
+    def _valid_denominator(valid):
+        """(valid windows here, the loss normaliser): the mean over processes of the valid count,
+        so that the DDP-averaged gradient is that of the mean over the global batch's windows."""
+        n_valid = valid.float().sum()
+        denom = dist_utils.all_reduce_mean(n_valid).clamp_min(1.0 / dist_utils.world_size())
+        return n_valid, denom
+
+    def _put_region(self, f, loss, stats, n_valid, num_images, losses, metrics):
+        """Add feature f's weighted region loss to ``losses`` and its stats to ``metrics``."""
+        losses[f"loss_region_{f}"] = loss * self.region_loss_weights[f]
+        for name, value in stats.items():
+            metrics[f"region_{f}/{name}"] = value
+        metrics[f"region_{f}/valid_per_image"] = n_valid.detach() / num_images
+
     def _region_loss(self, f, q_map, boxes_q, k_regions, negatives, valid, losses, metrics):
         """Region InfoNCE of feature f; adds the loss to ``losses`` and its stats to ``metrics``."""
         B = boxes_q.shape[0]
@@ -586,11 +601,7 @@ class ReSim(nn.Module):
                 f"{B} images: the per-GPU batch must be a multiple of it, or at most it"
             )
         groups = B // per_group if per_group and B > per_group else 1
-        validf = valid.float()
-        n_valid = validf.sum()
-        ws = dist_utils.world_size()
-        # mean over the valid windows of the global batch once DDP averages the gradients
-        denom = dist_utils.all_reduce_mean(n_valid).clamp_min(1.0 / ws)
+        n_valid, denom = self._valid_denominator(valid)
         loss, stats = region_infonce(
             q.flatten(0, 1),
             k_regions.flatten(0, 1),
@@ -601,15 +612,11 @@ class ReSim(nn.Module):
             groups=groups,
             matmul_dtype=self.amp_dtype,
         )
-        losses[f"loss_region_{f}"] = loss * self.region_loss_weights[f]
-        for name, value in stats.items():
-            metrics[f"region_{f}/{name}"] = value
-        metrics[f"region_{f}/valid_per_image"] = n_valid.detach() / B
+        self._put_region(f, loss, stats, n_valid, B, losses, metrics)
 
     def _region_cosine_loss(self, f, q_map, k_map, boxes_q, boxes_k, valid, losses, metrics):
         """ReSim on SimSiam (Table 7): SimSiam's loss between the query and key window of each
         valid window pair, through the level's projection and prediction MLPs."""
-        B = boxes_q.shape[0]
         scale = 1.0 / self.region_strides[f]
         mask = valid.flatten()
         vq = pool_regions(q_map, boxes_q, scale, self.pooler_type).flatten(0, 1)  # (B*M, C)
@@ -618,15 +625,11 @@ class ReSim(nn.Module):
         with self._autocast():
             z1, z2 = mlp["proj"](vq, mask), mlp["proj"](vk, mask)
             p1, p2 = mlp["pred"](z1, mask), mlp["pred"](z2, mask)
-        n_valid = valid.float().sum()
-        denom = dist_utils.all_reduce_mean(n_valid).clamp_min(1.0 / dist_utils.world_size())
+        n_valid, denom = self._valid_denominator(valid)
         loss, stats = region_simsiam_loss(
             p1.float(), p2.float(), z1.float(), z2.float(), mask, denom
         )
-        losses[f"loss_region_{f}"] = loss * self.region_loss_weights[f]
-        for name, value in stats.items():
-            metrics[f"region_{f}/{name}"] = value
-        metrics[f"region_{f}/valid_per_image"] = n_valid.detach() / B
+        self._put_region(f, loss, stats, n_valid, boxes_q.shape[0], losses, metrics)
 
     # ------------------------------------------------------------------ forward
     def forward(self, batched_inputs):
