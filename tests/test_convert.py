@@ -48,13 +48,12 @@ def tiny_resnet(cfg, depth):
     return cfg
 
 
-def pretrain_model(arch, depth=18, seed=0):
+def pretrain_model(arch, depth=18, seed=0, config=None):
     """A tiny ReSim model from configs/pretrain, every backbone weight and BN statistic random."""
     cfg = get_cfg()
     add_resim_config(cfg)
-    cfg.merge_from_file(
-        get_config_file(f"pretrain/Base-ReSim-{'C4' if arch == 'c4' else 'FPN'}.yaml")
-    )
+    config = config or f"pretrain/Base-ReSim-{'C4' if arch == 'c4' else 'FPN'}.yaml"
+    cfg.merge_from_file(get_config_file(config))
     cfg.MODEL.DEVICE = "cpu"
     tiny_resnet(cfg, depth)
     cfg.RESIM.MOCO.MLP_DIM, cfg.RESIM.MOCO.DIM, cfg.RESIM.MOCO.QUEUE_SIZE = 32, 16, 32
@@ -137,6 +136,25 @@ def test_resim_c4_checkpoint_gives_the_encoder_c4_c5(tmp_path):
     res4, res5 = c4_features(det, X)
     torch.testing.assert_close(res4, ref["res4"], rtol=0, atol=1e-5)
     torch.testing.assert_close(res5, ref["res5"], rtol=0, atol=1e-5)
+
+
+@torch.no_grad()
+def test_resim_simsiam_checkpoint_drops_its_region_mlps(tmp_path):
+    pre = pretrain_model("c4", config="pretrain/resim_c4_simsiam_in100_500ep.yaml")
+    assert any(k.startswith("region_mlps.") for k in pre.state_dict())
+    conv, out = convert_file(tmp_path, {"model": pre.state_dict()}, "simsiam")
+    assert conv.layout == "resim_d2"
+    mlps = {k for k in pre.state_dict() if k.startswith("region_mlps.")}
+    dropped = dict(conv.dropped)
+    assert mlps <= set(dropped)
+    assert {dropped[k] for k in mlps if not k.endswith("num_batches_tracked")} == {
+        "pre-training heads"
+    }
+    det = build_model(finetune_cfg("voc_R50_C4_24k.yaml")).eval()
+    save_conversion(conv, out)
+    inc = load(det, out)
+    assert not inc.unexpected_keys and not inc.incorrect_shapes
+    torch.testing.assert_close(c4_features(det, X)[0], pre.backbone(X)["res4"], rtol=0, atol=1e-5)
 
 
 @torch.no_grad()

@@ -6,8 +6,8 @@ Sources (recognised from their keys, see :func:`detect_layout`):
   the ReSim meta-architecture. The query encoder ``backbone.*`` is a detectron2 ResNet
   (``backbone.stem.*``, ``backbone.res2.*``, ...; C4 configs) or FPN (``backbone.bottom_up.*``,
   ``backbone.fpn_lateral3.*``, ``backbone.fpn_output4.*``, ...; FPN configs). The key encoder
-  ``backbone_k.*``, the heads ``global_head*``, ``region_heads*``, ``predictor.*`` and the MoCo
-  queue ``queue``/``queue_ptr`` are dropped.
+  ``backbone_k.*``, the heads ``global_head*``, ``region_heads*``, ``region_mlps.*`` (ReSim on
+  SimSiam), ``predictor.*`` and the MoCo queue ``queue``/``queue_ptr`` are dropped.
 * ``moco``: MoCo-family checkpoints, ``{"state_dict": {"module.encoder_q.<torchvision name>"}}``
   (MoCo v1/v2, and the released ReSim checkpoints, which add ``fpn_lateral{5,4,3}`` and
   ``fpn_output{4,3}`` convs, as ``fpn_lateral5.weight/.bias`` or, built with ``use_fpn_norm``,
@@ -117,7 +117,7 @@ _D2_FPN = re.compile(rf"^fpn_(lateral|output)(\d)\.(weight|bias|norm\.{_BN})$")
 _DROP_REASONS = [
     (re.compile(r"num_batches_tracked$"), "BN step counters (detectron2 does not use them)"),
     (re.compile(r"^backbone_k\."), "key encoder (momentum copy of the query encoder)"),
-    (re.compile(r"^(global_head|region_heads|predictor)"), "pre-training heads"),
+    (re.compile(r"^(global_head|region_heads|region_mlps|predictor)"), "pre-training heads"),
     (re.compile(r"^queue(_ptr)?$"), "MoCo negative queue"),
     (
         re.compile(r"^(pixel_mean|pixel_std)$"),
