@@ -306,3 +306,15 @@ def test_masked_batch_norm_uses_only_valid_rows():
     ours.eval()
     ref.eval()
     torch.testing.assert_close(ours(x, mask), ref(x))  # eval: running statistics, mask ignored
+
+
+def test_masked_batch_norm_keeps_float32_statistics_under_bfloat16_inputs():
+    from resim_d2.modeling.heads import MaskedBatchNorm1d
+
+    g = torch.Generator().manual_seed(33)
+    x = (torch.randn(4096, 3, generator=g) * 0.01 + 100.0).bfloat16()  # mean >> std
+    mask = torch.ones(4096, dtype=torch.bool)
+    out = MaskedBatchNorm1d(3, affine=False)(x, mask)
+    ref = torch.nn.BatchNorm1d(3, affine=False)(x.float())
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, ref, rtol=1e-3, atol=1e-3)

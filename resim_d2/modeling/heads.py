@@ -150,12 +150,14 @@ class MaskedBatchNorm1d(nn.BatchNorm1d):
     windows; padded rows must not enter the statistics (they are normalised too, and then ignored
     by the loss). No host synchronisation: the masked moments are weighted sums. Running statistics
     are updated as BatchNorm1d does (unbiased variance), and not at all for a batch with fewer than
-    two valid rows. The statistics are per process (not synchronised across GPUs).
+    two valid rows. The statistics are per process (not synchronised across GPUs). Computed and
+    returned in float32 at least (autocast's policy for batch norm).
     """
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         if mask is None or not self.training:
             return super().forward(x)
+        x = x.to(torch.promote_types(x.dtype, torch.float32))  # float32 at least, as autocast BN
         m = mask.to(x.dtype)[:, None]
         n = m.sum()
         count = n.clamp_min(1.0)
