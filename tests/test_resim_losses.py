@@ -318,3 +318,22 @@ def test_masked_batch_norm_keeps_float32_statistics_under_bfloat16_inputs():
     ref = torch.nn.BatchNorm1d(3, affine=False)(x.float())
     assert out.dtype == torch.float32
     torch.testing.assert_close(out, ref, rtol=1e-3, atol=1e-3)
+
+
+def test_region_simsiam_within_image_stats_by_loops():
+    g = torch.Generator().manual_seed(34)
+    B, M, D = 3, 4, 5
+    p1, p2, z1, z2 = (torch.randn(B * M, D, generator=g, dtype=torch.float64) for _ in range(4))
+    valid = torch.tensor([1, 1, 0, 1, 1, 0, 0, 0, 0, 1, 1, 1], dtype=torch.bool)
+    _, stats = region_simsiam_loss(p1, p2, z1, z2, valid, windows_per_image=M)
+    hits, negs = [], []
+    for b in range(B):
+        keys = [j for j in range(M) if valid[b * M + j]]
+        for i in keys:
+            q = p1[b * M + i] / p1[b * M + i].norm()
+            cos = {j: float(q @ z2[b * M + j] / z2[b * M + j].norm()) for j in keys}
+            hits.append(max(cos, key=cos.get) == i)
+            if len(keys) > 1:
+                negs.append(sum(cos[j] for j in keys if j != i) / (len(keys) - 1))
+    assert math.isclose(float(stats["acc_top1"]), sum(hits) / len(hits), rel_tol=1e-12)
+    assert math.isclose(float(stats["neg_sim"]), sum(negs) / len(negs), rel_tol=1e-9)

@@ -296,6 +296,8 @@ def test_simsiam_resim_fpn_trains():
     out = model(make_batch(cfg))
     assert set(out) == {"loss_global", "loss_region_p3", "loss_region_p4"}
     assert "global/z_std" in model.last_metrics
+    for name in ("pos_sim", "neg_sim", "acc_top1", "z_std", "valid_per_image"):
+        assert f"region_p3/{name}" in model.last_metrics, name
     assert -1.0 <= float(out["loss_global"].detach()) <= 1.0
     total_loss(out).backward()
     for name, p in model.named_parameters():

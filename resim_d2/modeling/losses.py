@@ -213,6 +213,7 @@ def region_simsiam_loss(
     z2: torch.Tensor,
     valid: torch.Tensor,
     denom: torch.Tensor | None = None,
+    windows_per_image: int | None = None,
 ):
     """SimSiam's symmetric negative cosine per window pair, averaged over valid windows.
 
@@ -224,11 +225,16 @@ def region_simsiam_loss(
         valid: (R,) bool; padded windows contribute 0 (and stay in the graph).
         denom: optional 0-dim tensor to divide the summed loss by (default ``max(valid.sum(), 1)``),
             as in :func:`region_infonce`.
+        windows_per_image: M when the rows are M windows per image, image-major; adds the
+            within-image stats below.
 
     Returns:
         loss: 0-dim tensor, minimum -1.
         stats: {"pos_sim": mean cosine over valid windows and both directions, "z_std": std of the
-        L2-normalised z1 over valid windows per dimension, averaged (collapse indicator)}.
+        L2-normalised z1 over valid windows per dimension, averaged (collapse indicator)}; with
+        ``windows_per_image`` also "acc_top1": fraction of valid query windows whose prediction
+        p1 is closest (cosine) to their own key window's z2 among the valid key windows of the same
+        image, and "neg_sim": mean cosine of p1 to the image's other valid key windows.
     """
     validf = valid.to(p1.dtype)
     count = validf.sum().clamp_min(1.0)
@@ -243,4 +249,20 @@ def region_simsiam_loss(
         mean = (zn * validf[:, None]).sum(0) / count
         var = ((zn - mean).square() * validf[:, None]).sum(0) / (count - 1).clamp_min(1.0)
         stats = {"pos_sim": (c.detach() * validf).sum() / count, "z_std": var.sqrt().mean()}
+        if windows_per_image:
+            M = windows_per_image
+            B = p1.shape[0] // M
+            pn = F.normalize(p1.detach(), dim=1).view(B, M, -1)
+            kn = F.normalize(z2.detach(), dim=1).view(B, M, -1)
+            sim = pn @ kn.transpose(1, 2)  # (B, M, M): query window i vs key window j
+            vm = valid.view(B, M)
+            cols = vm[:, None, :].expand(B, M, M)
+            own = torch.arange(M, device=sim.device)
+            best = sim.masked_fill(~cols, float("-inf")).argmax(dim=2)  # (B, M)
+            stats["acc_top1"] = ((best == own).to(p1.dtype) * vm).sum() / count
+            others = cols & (own[:, None] != own[None, :])
+            n_other = others.sum(dim=2)
+            row = (sim * others).sum(dim=2) / n_other.clamp_min(1)
+            rows = vm & (n_other > 0)
+            stats["neg_sim"] = (row * rows).sum() / rows.sum().clamp_min(1)
     return loss, stats

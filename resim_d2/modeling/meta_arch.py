@@ -627,7 +627,7 @@ class ReSim(nn.Module):
             p1, p2 = mlp["pred"](z1, mask), mlp["pred"](z2, mask)
         n_valid, denom = self._valid_denominator(valid)
         loss, stats = region_simsiam_loss(
-            p1.float(), p2.float(), z1.float(), z2.float(), mask, denom
+            p1.float(), p2.float(), z1.float(), z2.float(), mask, denom, boxes_q.shape[1]
         )
         self._put_region(f, loss, stats, n_valid, boxes_q.shape[0], losses, metrics)
 
