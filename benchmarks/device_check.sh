@@ -45,6 +45,9 @@ for step in ${STEPS:-prroi pretrain compile views}; do
     compile_graphs)
       run 300 python3 $bench --device cuda --batch 128 64 --bf16 --channels-last --compile \
         --compile-mode reduce-overhead --repeats 2 ;;
+    heads)
+      run 120 python3 $bench --device cuda --batch 128 --bf16 --channels-last --repeats 2 \
+        --models mocov2 resim_fpn resim_fpn_released ;;
     pretrain64fp32)
       run 120 python3 $bench --device cuda --batch 64 --repeats 2 ;;
     compile)
