@@ -385,15 +385,15 @@ def test_boxes_per_image_promise_and_fullgraph_compile():
 
 
 _TRITON_SCRIPT = """
-import sys, torch
-from resim_d2.layers import prroi_pool, prroi_weights_triton as T
+import importlib, sys, torch
+from resim_d2.layers import prroi_pool
+module = importlib.import_module("resim_d2.layers.prroi_pool")  # the module, not the function
 calls = []
-orig = T.bin_weights_triton
+orig = module.bin_weights_triton
 def counted(*a, **k):
     calls.append(1)
     return orig(*a, **k)
-import resim_d2.layers.prroi_pool as _  # noqa
-sys.modules["resim_d2.layers.prroi_pool"].bin_weights_triton = counted
+module.bin_weights_triton = counted
 data = torch.load(sys.argv[1])
 outs = []
 for f, boxes, size, scale, aligned in data:

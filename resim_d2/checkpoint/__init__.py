@@ -3,32 +3,7 @@
 See :mod:`resim_d2.checkpoint.convert` (the logic) and ``tools/convert.py`` (the command line).
 """
 
-from .convert import (
-    LAYOUTS,
-    Conversion,
-    Reconciliation,
-    TransferCheckpointer,
-    convert_checkpoint,
-    detect_layout,
-    format_report,
-    infer_resnet_config,
-    load_checkpoint,
-    reconcile,
-    save_conversion,
-    trained_fpn_convs,
-)
+from . import convert
+from .convert import *  # noqa: F401,F403  (the names in convert.__all__)
 
-__all__ = [
-    "LAYOUTS",
-    "Conversion",
-    "Reconciliation",
-    "TransferCheckpointer",
-    "convert_checkpoint",
-    "detect_layout",
-    "format_report",
-    "infer_resnet_config",
-    "load_checkpoint",
-    "reconcile",
-    "save_conversion",
-    "trained_fpn_convs",
-]
+__all__ = list(convert.__all__)
