@@ -31,6 +31,8 @@ MODELS = {
     "resim_fpn": "pretrain/resim_fpn_moco_in1k_200ep.yaml",
     # raw 256-channel FPN maps, no region head (the released code): what the heads cost
     "resim_fpn_released": "pretrain/resim_fpn_released_in1k_200ep.yaml",
+    "simsiam": "pretrain/simsiam_in100_500ep.yaml",
+    "resim_fpn_simsiam": "pretrain/resim_fpn_simsiam_in100_500ep.yaml",
 }
 DEFAULT_MODELS = ["mocov2", "resim_c4", "resim_fpn"]
 
