@@ -1,10 +1,14 @@
 """Region-correspondence score: retrieval accuracy against hand-counted answers."""
 
+import numpy as np
+import pytest
 import torch
 
 from resim_d2.evaluation.region_correspondence import (
     RegionCorrespondenceEvaluator,
     correspondence_accuracy,
+    held_out_pairs,
+    paired_difference,
 )
 
 
@@ -40,3 +44,47 @@ def test_evaluator_groups_and_masks():
     res = ev.evaluate()["region_corr_res4"]
     assert res["windows"] == 5
     assert res["top1"] == 100.0 * 3 / 5
+    # per view pair, in order: (valid windows, top-1 hits)
+    assert ev.per_pair["res4"] == [(2, 2), (1, 1), (2, 0)]
+
+
+def test_held_out_pairs_interleave_images_with_fixed_distinct_seeds():
+    records = [{"file_name": f"/data/img{i}.jpg", "image_id": i} for i in range(3)]
+    pairs = held_out_pairs(records, 4)
+    assert len(pairs) == 12
+    # any 3 consecutive pairs hold the 3 images (a group of 3 is not one image's pairs)
+    ids = [p["image_id"] for p in pairs]
+    assert ids == [0, 1, 2] * 4
+    seeds = [p["eval_seed"] for p in pairs]
+    assert len(set(seeds)) == 12
+    assert seeds == [p["eval_seed"] for p in held_out_pairs(records, 4)]
+    assert "eval_seed" not in records[0]  # the dataset's own dicts are left alone
+
+
+def test_paired_difference_known_answers():
+    a = [(4, 1), (2, 0), (3, 3)]
+    b = [(4, 2), (2, 1), (3, 3)]
+    diff, low, high = paired_difference(a, b)
+    assert diff == pytest.approx(100.0 * 2 / 9)
+    assert low <= diff <= high
+    # b one hit ahead on every pair of 5 windows: every resampling gives exactly 20 points
+    a = [(5, k % 5) for k in range(40)]
+    b = [(5, k % 5 + 1) for k in range(40)]
+    assert paired_difference(a, b) == pytest.approx((20.0, 20.0, 20.0))
+    with pytest.raises(ValueError, match="same view pairs"):
+        paired_difference([(3, 1)], [(4, 1)])
+
+
+def test_paired_difference_interval_matches_the_delta_method():
+    # independent reference: the normal interval of a ratio of sums (delta method), which the
+    # bootstrap approaches for many pairs
+    rng = np.random.default_rng(1)
+    n = rng.integers(1, 9, size=3000)
+    a = rng.binomial(n, 0.3)
+    b = np.minimum(n, a + rng.binomial(n, 0.1))
+    diff, low, high = paired_difference(list(zip(n, a)), list(zip(n, b)), n_boot=4000)
+    r = (b - a).sum() / n.sum()  # the difference as a fraction
+    resid = (b - a) - r * n
+    se = 100.0 * np.sqrt(len(n) * (resid**2).sum() / (len(n) - 1)) / n.sum()
+    assert diff == pytest.approx(100.0 * r)
+    assert (high - low) / 2 == pytest.approx(1.96 * se, rel=0.1)

@@ -11,7 +11,7 @@ from detectron2.utils import comm
 
 from ..checkpoint import TransferCheckpointer
 from ..evaluation import build_evaluator
-from ..evaluation.region_correspondence import RegionCorrespondenceEvaluator
+from ..evaluation.region_correspondence import RegionCorrespondenceEvaluator, held_out_pairs
 from .hooks import ReSimMetricsHook
 
 __all__ = ["Trainer", "is_pretraining", "resolve_pretrain_schedule"]
@@ -112,17 +112,13 @@ class Trainer(DefaultTrainer):
         if not is_pretraining(cfg):
             return super().build_test_loader(cfg, dataset_name)
         from ..data.build import build_batched_test_loader
-        from ..data.two_view_mapper import TwoViewMapper, stable_seed
+        from ..data.two_view_mapper import TwoViewMapper
 
         # Held-out pairs: the training augmentations (colour included, so the score is not a
         # pixel-matching test), each pair seeded from the file name and its index, so every
         # evaluation sees the same views; PAIRS_PER_IMAGE pairs of every image.
         records = get_detection_dataset_dicts([dataset_name], filter_empty=False)
-        pairs = [
-            dict(r, eval_seed=stable_seed(r["file_name"], i))
-            for r in records
-            for i in range(cfg.RESIM.EVAL.PAIRS_PER_IMAGE)
-        ]
+        pairs = held_out_pairs(records, cfg.RESIM.EVAL.PAIRS_PER_IMAGE)
         args = TwoViewMapper.from_config(cfg, is_train=False)
         args["color_augment"] = TwoViewMapper.from_config(cfg, is_train=True)["color_augment"]
         mapper = TwoViewMapper(**args)

@@ -12,12 +12,47 @@ why the MoCo-v2 baseline is the reference to compare with, not zero.
 import itertools
 from collections import OrderedDict
 
+import numpy as np
 import torch
 
 from detectron2.evaluation import DatasetEvaluator
 from detectron2.utils import comm
 
-__all__ = ["RegionCorrespondenceEvaluator", "correspondence_accuracy"]
+__all__ = [
+    "RegionCorrespondenceEvaluator",
+    "correspondence_accuracy",
+    "held_out_pairs",
+    "paired_difference",
+]
+
+
+def held_out_pairs(records: list[dict], pairs_per_image: int) -> list[dict]:
+    """The evaluation's view pairs: ``pairs_per_image`` copies of every record, each with its own
+    ``eval_seed`` (from the file name and the pair's index, so every evaluation sees the same
+    views), ordered pair index first: pair 0 of every image, then pair 1, ... Consecutive pairs
+    (a correspondence group, one process's shard) therefore come from different images, as a batch
+    of held-out images would; image by image, a group would hold one image's pairs only.
+    """
+    from ..data.two_view_mapper import stable_seed
+
+    return [
+        dict(r, eval_seed=stable_seed(r["file_name"], i))
+        for i in range(pairs_per_image)
+        for r in records
+    ]
+
+
+def correspondence_ranks(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """(N,) rank of each query's own key among all keys: 0 when it is the nearest.
+
+    Args:
+        q, k: (N, D) embeddings; row i of ``k`` is the positive of row i of ``q``.
+    Ties count against the query: a key scoring the same as the positive ranks above it.
+    """
+    sim = q.float() @ k.float().t()  # (N, N)
+    pos = sim.diagonal().unsqueeze(1)
+    # rank = how many keys score strictly higher, plus ties other than the positive itself
+    return (sim > pos).sum(1) + ((sim == pos).sum(1) - 1)
 
 
 def correspondence_accuracy(q, k, topk=(1, 5)):
@@ -28,17 +63,43 @@ def correspondence_accuracy(q, k, topk=(1, 5)):
     Returns:
         {k: number of rows whose positive ranks in the top k} (ties count against the query).
     """
-    sim = q.float() @ k.float().t()  # (N, N)
-    pos = sim.diagonal().unsqueeze(1)
-    # rank = how many keys score strictly higher, plus ties other than the positive itself
-    higher = (sim > pos).sum(1) + ((sim == pos).sum(1) - 1)
-    return {t: int((higher < t).sum()) for t in topk}
+    ranks = correspondence_ranks(q, k)
+    return {t: int((ranks < t).sum()) for t in topk}
+
+
+def paired_difference(a, b, n_boot: int = 4000, seed: int = 0, level: float = 0.95):
+    """Top-1 of model ``b`` minus model ``a`` on the same view pairs, with a bootstrap interval.
+
+    Args:
+        a, b: per view pair ``(windows, top-1 hits)`` of two models, pair i of both being the same
+            views and windows (e.g. ``RegionCorrespondenceEvaluator.per_pair[feature]`` of two
+            single-process evaluations).
+    Returns:
+        (difference, low, high) in percentage points: the difference of the pooled top-1
+        accuracies and the central ``level`` interval of the difference over ``n_boot``
+        resamplings of whole view pairs (windows of one pair are not independent of each other).
+    """
+    a, b = np.asarray(a, dtype=np.float64).reshape(-1, 2), np.asarray(b, dtype=np.float64)
+    b = b.reshape(-1, 2)
+    if a.shape != b.shape or not np.array_equal(a[:, 0], b[:, 0]):
+        raise ValueError("paired_difference needs the same view pairs and windows for both models")
+    n = a[:, 0]
+    if n.sum() == 0:
+        raise ValueError("paired_difference: no valid windows")
+    diff = 100.0 * (b[:, 1].sum() - a[:, 1].sum()) / n.sum()
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(n), size=(n_boot, len(n)))
+    boot = 100.0 * (b[idx, 1].sum(1) - a[idx, 1].sum(1)) / np.maximum(n[idx].sum(1), 1)
+    tail = 100.0 * (1.0 - level) / 2
+    low, high = np.percentile(boot, [tail, 100.0 - tail])
+    return float(diff), float(low), float(high)
 
 
 class RegionCorrespondenceEvaluator(DatasetEvaluator):
     """Consumes ReSim's inference outputs: ``{"region_q": {f: (B, M, D)}, "region_k": {f: (B, M,
-    D)},
-    "valid": {f: (B, M)}}`` (embeddings L2-normalised)."""
+    D)}, "valid": {f: (B, M)}}`` (embeddings L2-normalised). After ``evaluate``, ``per_pair``
+    holds this process's (windows, top-1 hits) of every view pair, for paired comparisons of two
+    models on the same pairs."""
 
     def __init__(self, dataset_name, group_size=64, distributed=True):
         self._dataset_name = dataset_name
@@ -49,6 +110,8 @@ class RegionCorrespondenceEvaluator(DatasetEvaluator):
     def reset(self):
         self._pending = {}  # feature -> list of (q (m, D), k (m, D)) per image, current group
         self._counts = {}  # feature -> [windows, top1, top5]
+        # feature -> [(windows, top-1 hits)] per view pair, in the order processed (this process)
+        self.per_pair = {}
 
     def _score_group(self, feature):
         per_image = self._pending.pop(feature, [])
@@ -56,13 +119,14 @@ class RegionCorrespondenceEvaluator(DatasetEvaluator):
             return
         q = torch.cat([p[0] for p in per_image])
         k = torch.cat([p[1] for p in per_image])
-        if len(q) == 0:
-            return
-        hits = correspondence_accuracy(q, k)
+        ranks = correspondence_ranks(q, k) if len(q) else torch.zeros(0, dtype=torch.long)
         c = self._counts.setdefault(feature, [0, 0, 0])
         c[0] += len(q)
-        c[1] += hits[1]
-        c[2] += hits[5]
+        c[1] += int((ranks < 1).sum())
+        c[2] += int((ranks < 5).sum())
+        per_pair = self.per_pair.setdefault(feature, [])
+        for r in ranks.split([len(p[0]) for p in per_image]):
+            per_pair.append((len(r), int((r < 1).sum())))
 
     def process(self, inputs, outputs):
         for feature, valid in outputs["valid"].items():
