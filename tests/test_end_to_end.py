@@ -13,8 +13,13 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.mark.slow
 def test_demo_pretrains_and_scores_correspondence(tmp_path):
     cmd = [sys.executable, os.path.join(REPO, "tools", "demo.py"), "--output-dir", str(tmp_path)]
-    out = subprocess.run(cmd + ["--iters", "4"], capture_output=True, text=True, check=True).stdout
-    assert "demo summary" in out and "region correspondence" in out
+    cmd += ["--iters", "4", "--eval-pairs", "8"]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    assert "demo summary" in out and "Region correspondence" in out
+    # all three models scored on the same pairs, paired differences with intervals
+    for line in ("untrained", "resim minus mocov2", "mocov2 minus untrained"):
+        assert line in out, line
+    assert "95% interval" in out
     for name in ("resim", "mocov2"):
         assert os.path.isfile(tmp_path / name / "model_final.pth")
 
