@@ -9,9 +9,11 @@ ratio a device would show if every part ran at the same FLOP/s. To be faster tha
 extra work must run at a higher FLOP/s than the MoCo-v2 step does on average: that is what to hold
 a "ReSim within X of MoCo-v2" target against (for X = 1.10 and ReSim's extra FLOPs E, as a fraction
 of MoCo-v2's, the extra work must run E / 0.10 times as fast). Also counts aten operators per part
-(a proxy for launch-bound steps). Runs anywhere (CPU is fine); no timing.
+(a proxy for launch-bound steps). No timing: by default the step runs on PyTorch's "meta" device
+(shapes only, no arithmetic, no memory), so batch 128 of ResNet-50 takes seconds anywhere;
+``--device cpu`` runs it for real and gives the same FLOPs.
 
-    python benchmarks/count_step_flops.py                       # R50, 224px, batch 8
+    python benchmarks/count_step_flops.py --batch 128           # R50, 224px
     python benchmarks/count_step_flops.py --models mocov2 resim_fpn resim_fpn_released
 
 Parts: the ResNet of the query and of the key encoder, the FPN's lateral and output convs, the
@@ -187,9 +189,9 @@ def count(name, args):
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--models", nargs="+", default=DEFAULT_MODELS, choices=list(MODELS))
-    p.add_argument("--batch", type=int, default=8, help="images per process")
+    p.add_argument("--batch", type=int, default=128, help="images per process")
     p.add_argument("--depth", type=int, default=50)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="meta", help="meta (shapes only) or a real device")
     args = p.parse_args()
     args.bf16 = args.channels_last = args.compile = False
     args.compile_mode = "default"

@@ -83,3 +83,18 @@ def test_part_names_follow_the_meta_architecture():
     assert part_of("region_mlps.p3") is None  # a ModuleDict, never called
     assert part_of("backbone.bottom_up.res2") is None  # inside a part: charged to the part
     assert part_of("") is None
+
+
+def test_meta_device_counts_what_the_cpu_runs():
+    """The benchmark's default "meta" device (shapes only) gives the FLOPs of a real CPU step."""
+    args = type("Args", (), {})()
+    args.batch, args.depth = 2, 18
+    args.bf16 = args.channels_last = args.compile = False
+    args.compile_mode = "default"
+    got = {}
+    for device in ("cpu", "meta"):
+        args.device = device
+        parts, total, fwd, _ = count_step_flops.count("resim_c4", args)
+        got[device] = (parts, total, fwd)
+    assert got["meta"] == got["cpu"]
+    assert got["cpu"][0]["region heads, query"] > 0
