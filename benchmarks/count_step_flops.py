@@ -162,7 +162,8 @@ def _is_view(func_packet) -> bool:
 
 
 def count(name, args):
-    """({part: FLOPs per image}, total per image, forward total per image) of one step."""
+    """One step of model ``name``: ({part: FLOPs per image}, FLOPs per image, forward FLOPs per
+    image, {part: aten operators in the step})."""
     cfg = make_cfg(name, args, args.batch)
     torch.manual_seed(0)
     model = build_model(cfg)

@@ -79,8 +79,8 @@ def paired_difference(a, b, n_boot: int = 4000, seed: int = 0, level: float = 0.
         accuracies and the central ``level`` interval of the difference over ``n_boot``
         resamplings of whole view pairs (windows of one pair are not independent of each other).
     """
-    a, b = np.asarray(a, dtype=np.float64).reshape(-1, 2), np.asarray(b, dtype=np.float64)
-    b = b.reshape(-1, 2)
+    a = np.asarray(a, dtype=np.float64).reshape(-1, 2)
+    b = np.asarray(b, dtype=np.float64).reshape(-1, 2)
     if a.shape != b.shape or not np.array_equal(a[:, 0], b[:, 0]):
         raise ValueError("paired_difference needs the same view pairs and windows for both models")
     n = a[:, 0]
