@@ -308,6 +308,28 @@ def test_masked_batch_norm_uses_only_valid_rows():
     torch.testing.assert_close(ours(x, mask), ref(x))  # eval: running statistics, mask ignored
 
 
+def test_masked_batch_norm_gradients_equal_batch_norm_on_the_valid_rows():
+    from resim_d2.modeling.heads import MaskedBatchNorm1d
+
+    g = torch.Generator().manual_seed(35)
+    x = torch.randn(9, 3, generator=g, dtype=torch.float64) * 2 - 1
+    mask = torch.tensor([1, 0, 1, 1, 0, 1, 1, 1, 0], dtype=torch.bool)
+    upstream = torch.randn(9, 3, generator=g, dtype=torch.float64)
+    ours = MaskedBatchNorm1d(3).double()
+    with torch.no_grad():
+        ours.weight.copy_(torch.tensor([0.5, -2.0, 1.5]))
+        ours.bias.copy_(torch.tensor([1.0, 0.0, -0.5]))
+    ref = torch.nn.BatchNorm1d(3).double()
+    ref.load_state_dict(ours.state_dict())
+    xo, xr = x.clone().requires_grad_(), x[mask].clone().requires_grad_()
+    (ours(xo, mask)[mask] * upstream[mask]).sum().backward()
+    (ref(xr) * upstream[mask]).sum().backward()
+    torch.testing.assert_close(xo.grad[mask], xr.grad)
+    assert torch.all(xo.grad[~mask] == 0)  # padding gets no gradient through the statistics
+    torch.testing.assert_close(ours.weight.grad, ref.weight.grad)
+    torch.testing.assert_close(ours.bias.grad, ref.bias.grad)
+
+
 def test_masked_batch_norm_keeps_float32_statistics_under_bfloat16_inputs():
     from resim_d2.modeling.heads import MaskedBatchNorm1d
 
