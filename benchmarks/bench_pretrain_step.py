@@ -175,9 +175,11 @@ def main():
         rates = {}
         for name in args.models:
             rates[name] = time_steps(make_cfg(name, args, batch), batch, args)
-        base = rates.get("mocov2")
+        # the baseline: MoCo-v2 if timed, else the first model (e.g. simsiam)
+        ref = "mocov2" if "mocov2" in rates else next(iter(rates))
+        base = rates[ref]
         for name, r in rates.items():
-            ratio = f"  {r / base:.3f}x of mocov2 ({base / r:.3f}x its step time)" if base else ""
+            ratio = f"  {r / base:.3f}x of {ref} ({base / r:.3f}x its step time)"
             print(f"batch {batch:4d} {name:18s} {r:9.1f} img/s{ratio}")
 
 

@@ -48,6 +48,9 @@ for step in ${STEPS:-prroi pretrain compile views}; do
     heads)
       run 120 python3 $bench --device cuda --batch 128 --bf16 --channels-last --repeats 2 \
         --models mocov2 resim_fpn resim_fpn_released ;;
+    simsiam)
+      run 120 python3 $bench --device cuda --batch 128 --bf16 --channels-last --repeats 2 \
+        --models simsiam resim_fpn_simsiam ;;
     pretrain64fp32)
       run 120 python3 $bench --device cuda --batch 64 --repeats 2 ;;
     compile)

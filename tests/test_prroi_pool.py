@@ -573,6 +573,30 @@ def test_cuda_half_and_determinism(dtype):
     assert torch.equal(g1, g2)
 
 
+@pytest.mark.cuda
+@cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cuda_n_m_4_boxes_without_box_grad_match_cpu_float64(dtype):
+    """The form ReSim calls on the GPU (per-image (N, M, 4) boxes that need no gradient: the
+    Triton weight kernel where Triton runs) against the brute-force integral on the CPU."""
+    g = torch.Generator().manual_seed(36)
+    f = torch.randn(3, 8, 14, 14, generator=g, dtype=torch.float64)
+    xyxy = random_boxes(3, 36, 14, 14, scale=1 / 16, gen=g)[:, 1:].view(3, 12, 4)
+    index = torch.arange(3, dtype=torch.float64).repeat_interleave(12)[:, None]
+    rows = torch.cat([index, xyxy.reshape(-1, 4)], dim=1)
+    go = torch.randn(3, 12, 8, 2, 2, generator=g, dtype=torch.float64)
+    ff = f.clone().requires_grad_(True)
+    want = prroi_pool(ff, rows, (2, 2), 1 / 16)
+    (want_grad,) = torch.autograd.grad(want, ff, go.view(36, 8, 2, 2))
+    torch.testing.assert_close(want, reference(f, rows, (2, 2), 1 / 16), rtol=0, atol=1e-9)
+    fc = f.to("cuda", dtype).requires_grad_(True)
+    out = prroi_pool(fc, xyxy.to("cuda", dtype), (2, 2), 1 / 16)
+    (grad,) = torch.autograd.grad(out, fc, go.view(36, 8, 2, 2).to("cuda", dtype))
+    tol = 1e-10 if dtype == torch.float64 else 1e-4
+    torch.testing.assert_close(out.cpu().double(), want.detach(), rtol=tol, atol=tol)
+    torch.testing.assert_close(grad.cpu().double(), want_grad, rtol=tol, atol=tol)
+
+
 def test_per_image_box_layout_n_m_4():
     """(N, M, 4) boxes = the same boxes as (R, 5) rows n * M + m with batch index n."""
     g = torch.Generator().manual_seed(29)
