@@ -168,11 +168,12 @@ class MaskedBatchNorm1d(nn.BatchNorm1d):
         if self.track_running_stats:
             with torch.no_grad():
                 mom = self.momentum if self.momentum is not None else 0.1
-                rate = (n >= 2).to(x.dtype) * mom  # 0: fewer than two valid rows, no update
+                ok = n >= 2  # fewer than two valid rows: no update (rate 0)
+                rate = ok.to(x.dtype) * mom
                 unbiased = var * (n / (n - 1).clamp_min(1.0))
                 self.running_mean.lerp_(mean.to(self.running_mean.dtype), rate)
                 self.running_var.lerp_(unbiased.to(self.running_var.dtype), rate)
-                self.num_batches_tracked.add_((n >= 2).to(self.num_batches_tracked.dtype))
+                self.num_batches_tracked.add_(ok.to(self.num_batches_tracked.dtype))
         inv_std = torch.rsqrt(var + self.eps)
         if self.affine:
             return torch.addcmul(self.bias, xc, inv_std * self.weight)
