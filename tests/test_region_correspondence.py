@@ -7,6 +7,7 @@ import torch
 from resim_d2.evaluation.region_correspondence import (
     RegionCorrespondenceEvaluator,
     correspondence_accuracy,
+    correspondence_ranks,
     held_out_pairs,
     paired_difference,
 )
@@ -46,6 +47,43 @@ def test_evaluator_groups_and_masks():
     assert res["top1"] == 100.0 * 3 / 5
     # per view pair, in order: (valid windows, top-1 hits)
     assert ev.per_pair["res4"] == [(2, 2), (1, 1), (2, 0)]
+
+
+def test_ranks_exclude_masked_keys():
+    q = torch.eye(3)
+    k = torch.stack([q[0], q[0], q[2]])  # key 1 is a copy of query 0's positive
+    # query 0 ties with key 1 (ties count against it); query 1 scores 0 with all three keys
+    assert correspondence_ranks(q, k).tolist() == [1, 2, 0]
+    exclude = torch.zeros(3, 3, dtype=torch.bool)
+    exclude[0, 1] = True
+    exclude[1, 2] = True
+    assert correspondence_ranks(q, k, exclude).tolist() == [0, 1, 0]
+
+
+def test_evaluator_leaves_out_other_pairs_of_the_same_image():
+    """Two view pairs of one photograph whose windows show the same content (identical keys) do
+    not compete with each other; the same content from another photograph does."""
+    emb = torch.eye(3)
+    out = {
+        "region_q": {"res4": torch.stack([emb[[0, 1]], emb[[0, 1]], emb[[2, 2]]])},
+        "region_k": {"res4": torch.stack([emb[[0, 1]], emb[[0, 1]], emb[[2, 2]]])},
+        "valid": {"res4": torch.ones(3, 2, dtype=torch.bool)},
+    }
+    inputs = [{"file_name": "a.jpg"}, {"file_name": "a.jpg"}, {"file_name": "b.jpg"}]
+    ev = RegionCorrespondenceEvaluator("x", group_size=3, distributed=False)
+    ev.process(inputs, out)
+    # pairs 0 and 1 (a.jpg): each window's only tie is the other pair's copy, left out -> hits;
+    # pair 2 (b.jpg): its two windows tie with each other (same pair) -> misses
+    assert ev.per_pair["res4"] == [(2, 2), (2, 2), (2, 0)]
+    assert ev.evaluate()["region_corr_res4"]["top1"] == pytest.approx(100.0 * 4 / 6)
+    # the same pairs from three different files: pairs 0 and 1 now tie with each other
+    ev.reset()
+    ev.process([{"file_name": f"{i}.jpg"} for i in range(3)], out)
+    assert ev.per_pair["res4"] == [(2, 0), (2, 0), (2, 0)]
+    # inputs without file names: every pair is its own image
+    ev.reset()
+    ev.process([{}, {}, {}], out)
+    assert ev.per_pair["res4"] == [(2, 0), (2, 0), (2, 0)]
 
 
 def test_held_out_pairs_interleave_images_with_fixed_distinct_seeds():

@@ -3,7 +3,10 @@
 A feature-quality score usable during pre-training (``TEST.EVAL_PERIOD``) on held-out images. For
 every valid query window of an image, its embedding is compared (cosine) with the embeddings of all
 valid key windows of a group of ``group_size`` images (the image's own and the others'); the window
-counts as matched when the nearest is its own key window. Reported as top-1 (and top-5) accuracy in
+counts as matched when the nearest is its own key window. A held-out set with fewer images than a
+group repeats images as further view pairs (``RESIM.EVAL.PAIRS_PER_IMAGE``); windows of another
+pair of the same image (same ``file_name``) show the same scene and are left out of the candidates,
+as a batch of distinct images would have none. Reported as top-1 (and top-5) accuracy in
 percent, per feature map, with the number of windows scored. Chance is about 1 / (windows in the
 group); a model without region training can still score above chance from global context, which is
 why the MoCo-v2 baseline is the reference to compare with, not zero.
@@ -42,17 +45,24 @@ def held_out_pairs(records: list[dict], pairs_per_image: int) -> list[dict]:
     ]
 
 
-def correspondence_ranks(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+def correspondence_ranks(
+    q: torch.Tensor, k: torch.Tensor, exclude: torch.Tensor | None = None
+) -> torch.Tensor:
     """(N,) rank of each query's own key among all keys: 0 when it is the nearest.
 
     Args:
         q, k: (N, D) embeddings; row i of ``k`` is the positive of row i of ``q``.
+        exclude: optional (N, N) bool, True where key j is not a candidate for query i (its
+            diagonal must be False).
     Ties count against the query: a key scoring the same as the positive ranks above it.
     """
     sim = q.float() @ k.float().t()  # (N, N)
     pos = sim.diagonal().unsqueeze(1)
+    above, tied = sim > pos, sim == pos
+    if exclude is not None:
+        above, tied = above & ~exclude, tied & ~exclude
     # rank = how many keys score strictly higher, plus ties other than the positive itself
-    return (sim > pos).sum(1) + ((sim == pos).sum(1) - 1)
+    return above.sum(1) + (tied.sum(1) - 1)
 
 
 def correspondence_accuracy(q, k, topk=(1, 5)):
@@ -108,7 +118,8 @@ class RegionCorrespondenceEvaluator(DatasetEvaluator):
         self.reset()
 
     def reset(self):
-        self._pending = {}  # feature -> list of (q (m, D), k (m, D)) per image, current group
+        # feature -> list of (q (m, D), k (m, D), source) per view pair, current group
+        self._pending = {}
         self._counts = {}  # feature -> [windows, top1, top5]
         # feature -> [(windows, top-1 hits)] per view pair, in the order processed (this process)
         self.per_pair = {}
@@ -119,7 +130,17 @@ class RegionCorrespondenceEvaluator(DatasetEvaluator):
             return
         q = torch.cat([p[0] for p in per_image])
         k = torch.cat([p[1] for p in per_image])
-        ranks = correspondence_ranks(q, k) if len(q) else torch.zeros(0, dtype=torch.long)
+        # (N,) pair index and source image of every window; other pairs of one image excluded
+        sizes = torch.tensor([len(p[0]) for p in per_image])
+        pair = torch.arange(len(per_image)).repeat_interleave(sizes)
+        source_ids = {}
+        source = torch.tensor([source_ids.setdefault(p[2], len(source_ids)) for p in per_image])
+        source = source.repeat_interleave(sizes)
+        exclude = (source[:, None] == source[None, :]) & (pair[:, None] != pair[None, :])
+        if len(q):
+            ranks = correspondence_ranks(q, k, exclude)
+        else:
+            ranks = torch.zeros(0, dtype=torch.long)
         c = self._counts.setdefault(feature, [0, 0, 0])
         c[0] += len(q)
         c[1] += int((ranks < 1).sum())
@@ -134,7 +155,10 @@ class RegionCorrespondenceEvaluator(DatasetEvaluator):
             for b in range(valid.shape[0]):
                 m = valid[b].to("cpu", torch.bool)
                 group = self._pending.setdefault(feature, [])
-                group.append((rq[b].detach().cpu()[m], rk[b].detach().cpu()[m]))
+                # the image a pair was cut from; a pair without a file name is its own source
+                source = inputs[b].get("file_name") if b < len(inputs) else None
+                source = source if source is not None else object()
+                group.append((rq[b].detach().cpu()[m], rk[b].detach().cpu()[m], source))
                 if len(group) >= self._group_size:
                     self._score_group(feature)
 
