@@ -139,7 +139,8 @@ def add_resim_config(cfg):
     _C.RESIM.EVAL.IMS_PER_BATCH = 16
     # View pairs whose key windows compete as candidates for each query window.
     _C.RESIM.EVAL.GROUP_SIZE = 64
-    # Augmented view pairs drawn (deterministically) from each held-out image.
+    # Augmented view pairs drawn (deterministically) from each held-out image; windows of another
+    # pair of the same image are not correspondence candidates.
     _C.RESIM.EVAL.PAIRS_PER_IMAGE = 4
 
     # ---------------------------------------------------------------- fine-tuning (transfer)

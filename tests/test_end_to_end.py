@@ -1,27 +1,57 @@
-"""The README's demo commands, shrunk to a few iterations (minutes: select with -m slow)."""
+"""The README's demo commands, shrunk to a few iterations (minutes: select with -m slow), and the
+demo's choice of CPU precision."""
 
+import importlib.util
 import json
 import os
 import subprocess
 import sys
 
 import pytest
+import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _demo_module():
+    spec = importlib.util.spec_from_file_location(
+        "resim_demo", os.path.join(REPO, "tools", "demo.py")
+    )
+    demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)
+    return demo
+
+
+def test_demo_precision_options(monkeypatch):
+    demo = _demo_module()
+    assert demo.cpu_speed_opts("fp32") == (["RESIM.SPEED.CHANNELS_LAST", "True"], "fp32")
+    opts, precision = demo.cpu_speed_opts("bf16")
+    assert precision == "bf16" and opts[-2:] == ["RESIM.SPEED.AMP_DTYPE", "bfloat16"]
+    # auto: bf16 only where the CPU multiplies bfloat16 natively
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    assert demo.cpu_speed_opts("auto")[1] == "fp32"
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
+    assert demo.cpu_speed_opts("auto")[1] == "bf16"
+    monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported")
+    monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported")
+    assert demo.cpu_speed_opts("auto")[1] == "fp32"  # a torch without the probes
 
 
 @pytest.mark.slow
 def test_demo_pretrains_and_scores_correspondence(tmp_path):
     cmd = [sys.executable, os.path.join(REPO, "tools", "demo.py"), "--output-dir", str(tmp_path)]
-    cmd += ["--iters", "4", "--eval-pairs", "8"]
+    cmd += ["--iters", "3", "--eval-pairs", "6", "--seeds", "0", "1"]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     assert "demo summary" in out and "Region correspondence" in out
-    # all three models scored on the same pairs, paired differences with intervals
-    for line in ("untrained", "resim minus mocov2", "mocov2 minus untrained"):
+    # all three models scored on the same pairs, paired differences with intervals, per seed
+    for line in ("untrained", "resim minus mocov2", "mocov2 minus untrained", "seed 1:"):
         assert line in out, line
     assert "95% interval" in out
-    for name in ("resim", "mocov2"):
-        assert os.path.isfile(tmp_path / name / "model_final.pth")
+    assert "across the 2 seeds" in out and "resim ahead in" in out
+    for seed in (0, 1):
+        for name in ("resim", "mocov2"):
+            assert os.path.isfile(tmp_path / f"seed{seed}" / name / "model_final.pth")
 
 
 @pytest.mark.slow

@@ -9,6 +9,7 @@ intervals. Training goes through tools/train_net.py's Trainer.
 
     python tools/demo.py                 # both runs
     python tools/demo.py --only resim    # ReSim alone
+    python tools/demo.py --seeds 0 1 2   # both runs for each of three seeds
 """
 
 import argparse
@@ -21,6 +22,27 @@ from resim_d2 import get_config_file
 
 RUNS = {"resim": "pretrain/demo_resim_c4_cpu.yaml", "mocov2": "pretrain/demo_mocov2_cpu.yaml"}
 FEATURE = "res4"
+
+
+def cpu_speed_opts(precision):
+    """Config options for the fastest faithful CPU step: channels-last always; bfloat16 autocast
+    when ``precision`` is "bf16", or "auto" and the CPU multiplies bfloat16 natively (AMX or
+    AVX512-BF16; elsewhere oneDNN emulates it and bf16 is slower than fp32).
+    Returns (opts, "bf16" or "fp32")."""
+    import torch
+
+    if precision == "auto":
+        native = False
+        for probe in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"):
+            try:
+                native = native or bool(getattr(torch.cpu, probe)())
+            except (AttributeError, RuntimeError):  # older torch: no probe, stay in fp32
+                pass
+        precision = "bf16" if native else "fp32"
+    opts = ["RESIM.SPEED.CHANNELS_LAST", "True"]
+    if precision == "bf16":
+        opts += ["RESIM.SPEED.AMP_DTYPE", "bfloat16"]
+    return opts, precision
 
 
 def _read_metrics(path):
@@ -75,6 +97,38 @@ def correspondence(config, opts, weights):
     return r["top1"], int(r["windows"]), evaluator.per_pair[FEATURE]
 
 
+PAIRS = (("resim", "mocov2"), ("resim", "untrained"), ("mocov2", "untrained"))
+
+
+def _train(name, config, out, opts):
+    """One training run through tools/train_net.py; returns what the summary needs."""
+    opts = ["OUTPUT_DIR", out] + opts
+    here = os.path.dirname(os.path.abspath(__file__))
+    cmd = [sys.executable, os.path.join(here, "train_net.py"), "--config-file"]
+    cmd += [get_config_file(config)] + opts
+    print(f"\n=== {name}: " + " ".join(cmd) + "\n", flush=True)
+    subprocess.run(cmd, check=True)
+    return {
+        "rows": _read_metrics(os.path.join(out, "metrics.json")),
+        "checkpoint": os.path.join(out, "model_final.pth"),
+        "config": get_config_file(config),
+        "opts": opts,
+    }
+
+
+def _print_run(name, r):
+    print(f"\n{name}: checkpoint {r['checkpoint']}")
+    print(_loss_curve(r["rows"]))
+    key = f"region_corr_{FEATURE}/top1"
+    # completed iterations: in-training evaluations log the iteration before, the final one
+    # (after training) the count itself
+    last = max((row["iteration"] + 1 for row in r["rows"] if "total_loss" in row), default=0)
+    curve = [(min(row["iteration"] + 1, last), row[key]) for row in r["rows"] if key in row]
+    if curve:
+        pts = ", ".join(f"{v:.1f}% at iter {it}" for it, v in curve)
+        print(f"  correspondence top-1 during training: {pts}")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--output-dir", default="output/demo")
@@ -83,64 +137,95 @@ def main():
     p.add_argument(
         "--eval-pairs", type=int, default=0, help="RESIM.EVAL.PAIRS_PER_IMAGE (0: config's)"
     )
+    p.add_argument(
+        "--precision",
+        choices=["auto", "bf16", "fp32"],
+        default="auto",
+        help="auto: bfloat16 autocast where the CPU has AMX or AVX512-BF16, else fp32",
+    )
+    p.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        default=None,
+        help="train both models once per seed (SEED) and compare across seeds (default: the "
+        "config's seed, one run each)",
+    )
+    p.add_argument(
+        "opts",
+        nargs=argparse.REMAINDER,
+        default=[],
+        help="config options for both runs, as KEY VALUE pairs at the end",
+    )
     a = p.parse_args()
-    results = {}
-    for name, config in RUNS.items():
-        if a.only and name != a.only:
-            continue
-        out = os.path.join(a.output_dir, name)
-        opts = ["OUTPUT_DIR", out]
-        if a.iters:
-            opts += ["SOLVER.MAX_ITER", str(a.iters), "TEST.EVAL_PERIOD", str(a.iters)]
-        if a.eval_pairs:
-            opts += ["RESIM.EVAL.PAIRS_PER_IMAGE", str(a.eval_pairs)]
-        here = os.path.dirname(os.path.abspath(__file__))
-        cmd = [sys.executable, os.path.join(here, "train_net.py"), "--config-file"]
-        cmd += [get_config_file(config)] + opts
-        print(f"\n=== {name}: " + " ".join(cmd) + "\n", flush=True)
-        subprocess.run(cmd, check=True)
-        results[name] = {
-            "rows": _read_metrics(os.path.join(out, "metrics.json")),
-            "checkpoint": os.path.join(out, "model_final.pth"),
-            "config": get_config_file(config),
-            "opts": opts,
-        }
-    if not results:
+    speed_opts, precision = cpu_speed_opts(a.precision)
+    print(f"[demo] precision {precision}, channels-last", flush=True)
+    common = speed_opts + list(a.opts)
+    if a.iters:
+        common += ["SOLVER.MAX_ITER", str(a.iters), "TEST.EVAL_PERIOD", str(a.iters)]
+    if a.eval_pairs:
+        common += ["RESIM.EVAL.PAIRS_PER_IMAGE", str(a.eval_pairs)]
+    seeds = a.seeds or [None]
+    runs = {}  # seed -> name -> run
+    for seed in seeds:
+        opts = common + (["SEED", str(seed)] if seed is not None else [])
+        root = a.output_dir if seed is None else os.path.join(a.output_dir, f"seed{seed}")
+        for name, config in RUNS.items():
+            if not a.only or name == a.only:
+                out = os.path.join(root, name)
+                runs.setdefault(seed, {})[name] = _train(name, config, out, opts)
+    if not runs:
         return
+
     print("\n=== region correspondence of every model on the same held-out view pairs", flush=True)
-    first = next(iter(results.values()))
-    scores = {"untrained": correspondence(first["config"], first["opts"], None)}  # random init
-    for name, r in results.items():
-        scores[name] = correspondence(r["config"], r["opts"], r["checkpoint"])
+    scores = {}  # seed -> name -> (top1, windows, per_pair)
+    for seed, results in runs.items():
+        first = next(iter(results.values()))
+        # the untrained network of this seed (the runs' common initialisation)
+        s = {"untrained": correspondence(first["config"], first["opts"], None)}
+        for name, r in results.items():
+            s[name] = correspondence(r["config"], r["opts"], r["checkpoint"])
+        scores[seed] = s
+
+    from resim_d2.evaluation.region_correspondence import paired_difference
 
     print("\n================ demo summary ================")
-    for name, r in results.items():
-        print(f"\n{name}: checkpoint {r['checkpoint']}")
-        print(_loss_curve(r["rows"]))
-        key = f"region_corr_{FEATURE}/top1"
-        # completed iterations: in-training evaluations log the iteration before, the final one
-        # (after training) the count itself
-        last = max((row["iteration"] + 1 for row in r["rows"] if "total_loss" in row), default=0)
-        curve = [(min(row["iteration"] + 1, last), row[key]) for row in r["rows"] if key in row]
-        if curve:
-            pts = ", ".join(f"{v:.1f}% at iter {it}" for it, v in curve)
-            print(f"  correspondence top-1 during training: {pts}")
-    windows = scores["untrained"][1]
+    for seed, results in runs.items():
+        for name, r in results.items():
+            _print_run(name if seed is None else f"{name} (seed {seed})", r)
+    windows = next(iter(scores.values()))["untrained"][1]
     print(
         f"\nRegion correspondence ({FEATURE}, held-out photographs, {windows} query windows): "
         "the share of query windows whose nearest key window is their own"
     )
-    for name, (top1, _, _) in scores.items():
-        print(f"  {name:10s} top-1 {top1:5.1f}%")
-    from resim_d2.evaluation.region_correspondence import paired_difference
-
-    for b, a in (("resim", "mocov2"), ("resim", "untrained"), ("mocov2", "untrained")):
-        if a in scores and b in scores:
-            d, lo, hi = paired_difference(scores[a][2], scores[b][2])
-            print(
-                f"  {b} minus {a}: {d:+.1f} points (95% interval {lo:+.1f} to {hi:+.1f}, "
-                "bootstrap over view pairs)"
-            )
+    diffs = {pair: [] for pair in PAIRS}
+    for seed, s in scores.items():
+        if seed is not None:
+            print(f" seed {seed}:")
+        for name, (top1, _, _) in s.items():
+            print(f"  {name:10s} top-1 {top1:5.1f}%")
+        for b, base in PAIRS:
+            if base in s and b in s:
+                d, lo, hi = paired_difference(s[base][2], s[b][2])
+                diffs[(b, base)].append(d)
+                print(
+                    f"  {b} minus {base}: {d:+.1f} points (95% interval {lo:+.1f} to {hi:+.1f}, "
+                    "bootstrap over view pairs)"
+                )
+    if len(scores) > 1:
+        print(f" across the {len(scores)} seeds:")
+        for (b, base), ds in diffs.items():
+            if ds:
+                ahead = sum(d > 0 for d in ds)
+                print(
+                    f"  {b} minus {base}: mean {sum(ds) / len(ds):+.1f} points, from "
+                    f"{min(ds):+.1f} to {max(ds):+.1f}; {b} ahead in {ahead} of {len(ds)}"
+                )
+    print(
+        "\nThe intervals cover the choice of held-out view pairs for one trained model, not the "
+        "randomness of training: runs that differ only in SEED can differ by more than these "
+        "intervals (--seeds trains several)."
+    )
     print(
         "\nNext: python tools/convert.py (see README) turns a checkpoint into detectron2 weights."
     )
