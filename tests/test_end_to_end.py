@@ -49,6 +49,7 @@ def test_demo_pretrains_and_scores_correspondence(tmp_path):
         assert line in out, line
     assert "95% interval" in out
     assert "across the 2 seeds" in out and "resim ahead in" in out
+    assert "held-out photographs" in out and "pre-training photographs" in out
     for seed in (0, 1):
         for name in ("resim", "mocov2"):
             assert os.path.isfile(tmp_path / f"seed{seed}" / name / "model_final.pth")

@@ -3,9 +3,10 @@
 
 Trains ReSim-C4 (configs/pretrain/demo_resim_c4_cpu.yaml) and, the same way, the MoCo-v2 baseline
 (demo_mocov2_cpu.yaml) on the photographs scikit-image ships (no download), then scores region
-correspondence of both, and of the untrained network, on the same held-out view pairs, and prints
-a summary: the loss curves, the checkpoints, the scores and the paired differences with bootstrap
-intervals. Training goes through tools/train_net.py's Trainer.
+correspondence of both, and of the untrained network, on the same view pairs: of held-out
+photographs, and new pairs of the pre-training photographs. Prints a summary: the loss curves, the
+checkpoints, the scores and the paired differences with bootstrap intervals (per seed and across
+seeds with --seeds). Training goes through tools/train_net.py's Trainer.
 
     python tools/demo.py                 # both runs
     python tools/demo.py --only resim    # ReSim alone
@@ -65,10 +66,11 @@ def _loss_curve(rows, width=40):
     return "\n".join(lines)
 
 
-def correspondence(config, opts, weights):
+def correspondence(config, opts, weights, on_train_images=False):
     """Per-pair region correspondence of the model ``config`` + ``opts`` with ``weights`` (None:
-    untrained, built with the config's seed), on the config's held-out dataset, in this process.
-    Returns (top-1 %, windows, per-pair list)."""
+    untrained, built with the config's seed), in this process: on the config's held-out dataset,
+    or with ``on_train_images`` on new view pairs of its pre-training images (as many pairs in
+    all as the held-out evaluation has). Returns (top-1 %, windows, per-pair list)."""
     import torch
 
     from resim_d2 import add_resim_config
@@ -77,6 +79,7 @@ def correspondence(config, opts, weights):
 
     from detectron2.checkpoint import DetectionCheckpointer
     from detectron2.config import get_cfg
+    from detectron2.data import DatasetCatalog
     from detectron2.evaluation import inference_on_dataset
 
     cfg = get_cfg()
@@ -84,11 +87,16 @@ def correspondence(config, opts, weights):
     cfg.merge_from_file(config)
     cfg.merge_from_list(opts)
     resolve_pretrain_schedule(cfg)
+    name = cfg.DATASETS.TEST[0]
+    if on_train_images:
+        train = cfg.DATASETS.TRAIN[0]
+        pairs = cfg.RESIM.EVAL.PAIRS_PER_IMAGE * len(DatasetCatalog.get(name))
+        cfg.RESIM.EVAL.PAIRS_PER_IMAGE = max(1, round(pairs / len(DatasetCatalog.get(train))))
+        name = train
     torch.manual_seed(cfg.SEED)
     model = Trainer.build_model(cfg)
     if weights:
         DetectionCheckpointer(model).load(weights)
-    name = cfg.DATASETS.TEST[0]
     evaluator = RegionCorrespondenceEvaluator(
         name, group_size=cfg.RESIM.EVAL.GROUP_SIZE, distributed=False
     )
@@ -127,6 +135,47 @@ def _print_run(name, r):
     if curve:
         pts = ", ".join(f"{v:.1f}% at iter {it}" for it, v in curve)
         print(f"  correspondence top-1 during training: {pts}")
+
+
+# what the summary calls each evaluation -> correspondence(on_train_images=...)
+EVAL_SETS = {
+    "held-out photographs": False,
+    "new view pairs of the pre-training photographs": True,
+}
+
+
+def _summarise(label, by_seed):
+    """Print the scores of every model on one evaluation set, per seed and across seeds."""
+    from resim_d2.evaluation.region_correspondence import paired_difference
+
+    windows = next(iter(by_seed.values()))["untrained"][1]
+    print(
+        f"\nRegion correspondence ({FEATURE}, {label}, {windows} query windows): the share of "
+        "query windows whose nearest key window is their own"
+    )
+    diffs = {pair: [] for pair in PAIRS}
+    for seed, s in by_seed.items():
+        if seed is not None:
+            print(f" seed {seed}:")
+        for name, (top1, _, _) in s.items():
+            print(f"  {name:10s} top-1 {top1:5.1f}%")
+        for b, base in PAIRS:
+            if base in s and b in s:
+                d, lo, hi = paired_difference(s[base][2], s[b][2])
+                diffs[(b, base)].append(d)
+                print(
+                    f"  {b} minus {base}: {d:+.1f} points (95% interval {lo:+.1f} to {hi:+.1f}, "
+                    "bootstrap over view pairs)"
+                )
+    if len(by_seed) > 1:
+        print(f" across the {len(by_seed)} seeds:")
+        for (b, base), ds in diffs.items():
+            if ds:
+                ahead = sum(d > 0 for d in ds)
+                print(
+                    f"  {b} minus {base}: mean {sum(ds) / len(ds):+.1f} points, from "
+                    f"{min(ds):+.1f} to {max(ds):+.1f}; {b} ahead in {ahead} of {len(ds)}"
+                )
 
 
 def main():
@@ -177,54 +226,29 @@ def main():
     if not runs:
         return
 
-    print("\n=== region correspondence of every model on the same held-out view pairs", flush=True)
-    scores = {}  # seed -> name -> (top1, windows, per_pair)
+    print("\n=== region correspondence of every model on the same view pairs", flush=True)
+    scores = {}  # eval set -> seed -> name -> (top1, windows, per_pair)
     for seed, results in runs.items():
         first = next(iter(results.values()))
-        # the untrained network of this seed (the runs' common initialisation)
-        s = {"untrained": correspondence(first["config"], first["opts"], None)}
-        for name, r in results.items():
-            s[name] = correspondence(r["config"], r["opts"], r["checkpoint"])
-        scores[seed] = s
-
-    from resim_d2.evaluation.region_correspondence import paired_difference
+        for label, on_train in EVAL_SETS.items():
+            # the untrained network of this seed (the runs' common initialisation) first
+            models = [("untrained", first["config"], first["opts"], None)]
+            models += [(n, r["config"], r["opts"], r["checkpoint"]) for n, r in results.items()]
+            scores.setdefault(label, {})[seed] = {
+                n: correspondence(c, o, w, on_train_images=on_train) for n, c, o, w in models
+            }
 
     print("\n================ demo summary ================")
     for seed, results in runs.items():
         for name, r in results.items():
             _print_run(name if seed is None else f"{name} (seed {seed})", r)
-    windows = next(iter(scores.values()))["untrained"][1]
+    for label, by_seed in scores.items():
+        _summarise(label, by_seed)
     print(
-        f"\nRegion correspondence ({FEATURE}, held-out photographs, {windows} query windows): "
-        "the share of query windows whose nearest key window is their own"
-    )
-    diffs = {pair: [] for pair in PAIRS}
-    for seed, s in scores.items():
-        if seed is not None:
-            print(f" seed {seed}:")
-        for name, (top1, _, _) in s.items():
-            print(f"  {name:10s} top-1 {top1:5.1f}%")
-        for b, base in PAIRS:
-            if base in s and b in s:
-                d, lo, hi = paired_difference(s[base][2], s[b][2])
-                diffs[(b, base)].append(d)
-                print(
-                    f"  {b} minus {base}: {d:+.1f} points (95% interval {lo:+.1f} to {hi:+.1f}, "
-                    "bootstrap over view pairs)"
-                )
-    if len(scores) > 1:
-        print(f" across the {len(scores)} seeds:")
-        for (b, base), ds in diffs.items():
-            if ds:
-                ahead = sum(d > 0 for d in ds)
-                print(
-                    f"  {b} minus {base}: mean {sum(ds) / len(ds):+.1f} points, from "
-                    f"{min(ds):+.1f} to {max(ds):+.1f}; {b} ahead in {ahead} of {len(ds)}"
-                )
-    print(
-        "\nThe intervals cover the choice of held-out view pairs for one trained model, not the "
-        "randomness of training: runs that differ only in SEED can differ by more than these "
-        "intervals (--seeds trains several)."
+        "\nThe intervals cover the choice of view pairs for one trained model, not the randomness "
+        "of training: runs that differ only in SEED can differ by more than these intervals "
+        "(--seeds trains several). The pre-training photographs' new views show what the "
+        "objective learned; the held-out photographs, whether it carries over to other images."
     )
     print(
         "\nNext: python tools/convert.py (see README) turns a checkpoint into detectron2 weights."
