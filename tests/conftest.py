@@ -1,5 +1,7 @@
-"""Shared fixtures: small synthetic datasets in the real VOC and COCO formats, registered once."""
+"""Shared fixtures: small synthetic datasets in the real VOC and COCO formats, registered once;
+the scripts under tools/ as modules."""
 
+import importlib.util
 import os
 
 import pytest
@@ -18,6 +20,20 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def load_tool():
+    """``load_tool("convert")``: tools/convert.py imported as a module (tools/ is no package)."""
+    tools = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools")
+
+    def load(name):
+        spec = importlib.util.spec_from_file_location(f"tool_{name}", f"{tools}/{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+    return load
 
 
 @pytest.fixture(scope="session")

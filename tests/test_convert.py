@@ -6,7 +6,6 @@ written out with plain convolutions (released layout).
 """
 
 import glob
-import importlib.util
 import os
 import pickle
 
@@ -447,12 +446,8 @@ def test_checkpoints_load_weights_only(tmp_path):
 
 
 # --------------------------------------------------------------------------------------- CLI
-def test_cli_reports_moved_dropped_and_random_init(tmp_path, capsys):
-    spec = importlib.util.spec_from_file_location(
-        "convert_cli", os.path.join(REPO, "tools", "convert.py")
-    )
-    cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cli)
+def test_cli_reports_moved_dropped_and_random_init(tmp_path, capsys, load_tool):
+    cli = load_tool("convert")
     src = tmp_path / "model_final.pth"
     torch.save({"model": pretrain_model("c4").state_dict(), "iteration": 5}, src)
     out = tmp_path / "d2.pth"

@@ -1,7 +1,6 @@
 """The README's demo commands, shrunk to a few iterations (minutes: select with -m slow), and the
 demo's choice of CPU precision."""
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -13,17 +12,8 @@ import torch
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _demo_module():
-    spec = importlib.util.spec_from_file_location(
-        "resim_demo", os.path.join(REPO, "tools", "demo.py")
-    )
-    demo = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(demo)
-    return demo
-
-
-def test_demo_precision_options(monkeypatch):
-    demo = _demo_module()
+def test_demo_precision_options(monkeypatch, load_tool):
+    demo = load_tool("demo")
     assert demo.cpu_speed_opts("fp32") == (["RESIM.SPEED.CHANNELS_LAST", "True"], "fp32")
     opts, precision = demo.cpu_speed_opts("bf16")
     assert precision == "bf16" and opts[-2:] == ["RESIM.SPEED.AMP_DTYPE", "bfloat16"]
