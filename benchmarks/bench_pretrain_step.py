@@ -113,6 +113,9 @@ def time_steps(cfg, batch, args):
         breaks = sum(counters["graph_break"].values())
         graphs = counters["stats"].get("unique_graphs", 0)
         print(f"  torch.compile: {graphs} graphs so far, {breaks} graph breaks", end="")
+        if args.compile_mode in ("reduce-overhead", "max-autotune"):
+            # inductor counts each graph it could not capture as a CUDA graph (the reason is logged)
+            print(f", {counters['inductor']['cudagraph_skips']} CUDA-graph skips", end="")
         print("".join(f"\n    break: {r[:150]}" for r in list(counters["graph_break"])[:5]))
     if args.profile:
         profile_steps(step, cfg, args)

@@ -536,3 +536,23 @@ def test_compile_mode_is_checked():
     cfg.RESIM.SPEED.COMPILE_MODE = "fastest"
     with pytest.raises(ValueError, match="RESIM.SPEED.COMPILE_MODE must be one of"):
         build(cfg)
+
+
+@pytest.mark.parametrize(
+    "mode, marks", [("default", 0), ("reduce-overhead", 1), ("max-autotune-no-cudagraphs", 0)]
+)
+def test_cuda_graph_modes_mark_each_training_step(monkeypatch, mode, marks):
+    # CUDA graph trees need the start of each step marked, or a step's graph replay may overwrite
+    # outputs the previous step still holds; modes without CUDA graphs must not mark anything.
+    calls = []
+    monkeypatch.setattr(torch, "compile", lambda fn, mode: fn)  # the eager function, traced as is
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: calls.append(1))
+    cfg = tiny_cfg("c4")
+    cfg.RESIM.SPEED.COMPILE = True
+    cfg.RESIM.SPEED.COMPILE_MODE = mode
+    model = build(cfg)
+    for seed in range(2):
+        total_loss(model(make_batch(cfg, seed=seed))).backward()
+    model.eval()
+    model(make_batch(cfg))  # evaluation does not run the compiled encoders
+    assert len(calls) == 2 * marks

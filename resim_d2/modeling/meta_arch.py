@@ -93,6 +93,9 @@ _AMP_DTYPES = {
     # float16 is left out on purpose: it needs a GradScaler, bfloat16 does not
 }
 _TRAINABLE_NORMS = ("BN", "SyncBN", "naiveSyncBN", "nnSyncBN", "GN")
+_COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+# torch.compile modes that replay CUDA graphs (on CUDA devices)
+_CUDAGRAPH_MODES = ("reduce-overhead", "max-autotune")
 
 
 def all_output_shapes(backbone: Backbone) -> dict:
@@ -312,10 +315,9 @@ class ReSim(nn.Module):
         self.amp_dtype = _AMP_DTYPES[amp_dtype]
         self.channels_last = bool(channels_last)
         self.compile_encoders = bool(compile_encoders)
-        modes = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
-        if compile_mode not in modes:
+        if compile_mode not in _COMPILE_MODES:
             raise ValueError(
-                f"RESIM.SPEED.COMPILE_MODE must be one of {modes}, got '{compile_mode}'"
+                f"RESIM.SPEED.COMPILE_MODE must be one of {_COMPILE_MODES}, got '{compile_mode}'"
             )
         self.compile_mode = compile_mode
         # log-only metrics of the last training forward (see the module docstring)
@@ -635,6 +637,9 @@ class ReSim(nn.Module):
     def forward(self, batched_inputs):
         if not self.training:
             return self.inference(batched_inputs)
+        if self.compile_encoders and self.compile_mode in _CUDAGRAPH_MODES:
+            # a new training step: outputs of the previous step's CUDA graphs may be overwritten
+            torch.compiler.cudagraph_mark_step_begin()
         skipped = sum(int(d.get("num_skipped", 0)) for d in batched_inputs)
         self.last_data_metrics = {"data/skipped_images": float(skipped)}
         if self.framework == "moco":
