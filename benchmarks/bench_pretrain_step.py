@@ -3,7 +3,8 @@
 batches: the MoCo-v2 baseline, ReSim-C4 and ReSim-FPN built from configs/pretrain, one process.
 
 Prints images/s per model and the ratio to the MoCo-v2 step measured in the same process, at the
-same settings. Inputs are random uint8 views already on the device with windows from the real view
+same settings. Eager models are timed round-robin (every repeat times each model once, in
+turn), so machine drift cannot favour one; the median over repeats is printed. Inputs are random uint8 views already on the device with windows from the real view
 geometry (ImageNet-like 500x375 originals), so the data pipeline is not measured here.
 
     python benchmarks/bench_pretrain_step.py --device cuda --batch 64 128 --bf16 --channels-last
@@ -83,45 +84,78 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def time_steps(cfg, batch, args):
-    torch.manual_seed(0)
-    model = build_model(cfg)
-    model.train()
-    opt = build_optimizer(cfg, model)
-    data = make_batch(cfg, batch, args.device)
+class StepTimer:
+    """One model, its optimizer and a fixed batch; ``run(n)`` times n training steps."""
 
-    def step():
-        losses = model(data)
+    def __init__(self, cfg, batch, args):
+        torch.manual_seed(0)
+        self.cfg, self.batch, self.args = cfg, batch, args
+        self.model = build_model(cfg)
+        self.model.train()
+        self.opt = build_optimizer(cfg, self.model)
+        self.data = make_batch(cfg, batch, args.device)
+
+    def step(self):
+        losses = self.model(self.data)
         loss = sum(losses.values())
-        opt.zero_grad(set_to_none=True)
+        self.opt.zero_grad(set_to_none=True)
         loss.backward()
-        opt.step()
+        self.opt.step()
 
-    for _ in range(args.warmup):
-        step()
-    sync(args.device)
-    rates = []
-    for _ in range(args.repeats):
+    def run(self, n):
+        """Images/s over n steps (device synchronised before and after)."""
+        sync(self.args.device)
         t0 = time.perf_counter()
-        for _ in range(args.iters):
-            step()
-        sync(args.device)
-        rates.append(batch * args.iters / (time.perf_counter() - t0))
-    if args.compile:
-        from torch._dynamo.utils import counters
+        for _ in range(n):
+            self.step()
+        sync(self.args.device)
+        return self.batch * n / (time.perf_counter() - t0)
 
-        breaks = sum(counters["graph_break"].values())
-        graphs = counters["stats"].get("unique_graphs", 0)
-        print(f"  torch.compile: {graphs} graphs so far, {breaks} graph breaks", end="")
-        if args.compile_mode in ("reduce-overhead", "max-autotune"):
-            # inductor counts each graph it could not capture as a CUDA graph (the reason is logged)
-            print(f", {counters['inductor']['cudagraph_skips']} CUDA-graph skips", end="")
-        print("".join(f"\n    break: {r[:150]}" for r in list(counters["graph_break"])[:5]))
-    if args.profile:
-        profile_steps(step, cfg, args)
-    if args.device.startswith("cuda"):
-        torch.cuda.empty_cache()
-    return statistics.median(rates)
+    def report(self):
+        if self.args.compile:
+            from torch._dynamo.utils import counters
+
+            breaks = sum(counters["graph_break"].values())
+            graphs = counters["stats"].get("unique_graphs", 0)
+            print(f"  torch.compile: {graphs} graphs so far, {breaks} graph breaks", end="")
+            if self.args.compile_mode in ("reduce-overhead", "max-autotune"):
+                # inductor counts each graph it could not capture as a CUDA graph (the reason
+                # is logged)
+                print(f", {counters['inductor']['cudagraph_skips']} CUDA-graph skips", end="")
+            print("".join(f"\n    break: {r[:150]}" for r in list(counters["graph_break"])[:5]))
+        if self.args.profile:
+            profile_steps(self.step, self.cfg, self.args)
+
+
+def time_models(cfgs, batch, args):
+    """{name: median images/s}. Eager models are built together and timed round-robin (each
+    repeat times every model once, in turn), so that drift of the machine (clocks, other load)
+    and the order of the models do not favour one of them. Compiled models are timed one after
+    the other (each compiles and captures its graphs alone)."""
+    names = list(cfgs)
+    rates = {n: [] for n in names}
+    if args.compile:
+        for n in names:
+            t = StepTimer(cfgs[n], batch, args)
+            t.run(args.warmup)
+            rates[n] = [t.run(args.iters) for _ in range(args.repeats)]
+            t.report()
+            del t
+            if args.device.startswith("cuda"):
+                torch.cuda.empty_cache()
+    else:
+        timers = {n: StepTimer(cfgs[n], batch, args) for n in names}
+        for t in timers.values():
+            t.run(args.warmup)
+        for _ in range(args.repeats):
+            for n in names:
+                rates[n].append(timers[n].run(args.iters))
+        for t in timers.values():
+            t.report()
+        del timers
+        if args.device.startswith("cuda"):
+            torch.cuda.empty_cache()
+    return {n: statistics.median(r) for n, r in rates.items()}
 
 
 def profile_steps(step, cfg, args, steps=3):
@@ -175,9 +209,7 @@ def main():
     dev = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
     print(f"device={dev} torch={torch.__version__} R{args.depth} 224px mode={mode}")
     for batch in args.batch:
-        rates = {}
-        for name in args.models:
-            rates[name] = time_steps(make_cfg(name, args, batch), batch, args)
+        rates = time_models({n: make_cfg(n, args, batch) for n in args.models}, batch, args)
         # the baseline: MoCo-v2 if timed, else the first model (e.g. simsiam)
         ref = "mocov2" if "mocov2" in rates else next(iter(rates))
         base = rates[ref]

@@ -54,6 +54,10 @@ for step in ${STEPS:-prroi pretrain compile views}; do
     simsiam)
       run 120 python3 $bench --device cuda --batch 128 --bf16 --channels-last --repeats 2 \
         --models simsiam resim_fpn_simsiam ;;
+    pretrain_all)  # the four settings, models timed round-robin
+      run 150 python3 $bench --device cuda --batch 128 64 --bf16 --channels-last --iters 20 \
+        --repeats 5
+      run 150 python3 $bench --device cuda --batch 128 64 --iters 10 --repeats 3 ;;
     pretrain64fp32)
       run 120 python3 $bench --device cuda --batch 64 --repeats 2 ;;
     compile)
