@@ -3,9 +3,10 @@
 batches: the MoCo-v2 baseline, ReSim-C4 and ReSim-FPN built from configs/pretrain, one process.
 
 Prints images/s per model and the ratio to the MoCo-v2 step measured in the same process, at the
-same settings. Eager models are timed round-robin (every repeat times each model once, in
-turn), so machine drift cannot favour one; the median over repeats is printed. Inputs are random uint8 views already on the device with windows from the real view
-geometry (ImageNet-like 500x375 originals), so the data pipeline is not measured here.
+same settings. Eager models are timed round-robin (every repeat times each model once, in turn),
+so machine drift cannot favour one; the median over repeats is printed. Inputs are random uint8
+views already on the device with windows from the real view geometry (ImageNet-like 500x375
+originals), so the data pipeline is not measured here.
 
     python benchmarks/bench_pretrain_step.py --device cuda --batch 64 128 --bf16 --channels-last
     python benchmarks/bench_pretrain_step.py --device cpu --batch 8 --depth 18 --iters 3
