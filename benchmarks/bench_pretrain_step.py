@@ -3,10 +3,11 @@
 batches: the MoCo-v2 baseline, ReSim-C4 and ReSim-FPN built from configs/pretrain, one process.
 
 Prints images/s per model and the ratio to the MoCo-v2 step measured in the same process, at the
-same settings. Eager models are timed round-robin (every repeat times each model once, in turn),
-so machine drift cannot favour one; the median over repeats is printed. Inputs are random uint8
-views already on the device with windows from the real view geometry (ImageNet-like 500x375
-originals), so the data pipeline is not measured here.
+same settings (median over --repeats). Models are timed one after another, each alone on the
+device; ``--order round-robin`` times them in turn within each repeat instead (robust to machine
+drift, but the models then share the device's memory). Inputs are random uint8 views already on
+the device with windows from the real view geometry (ImageNet-like 500x375 originals), so the
+data pipeline is not measured here.
 
     python benchmarks/bench_pretrain_step.py --device cuda --batch 64 128 --bf16 --channels-last
     python benchmarks/bench_pretrain_step.py --device cpu --batch 8 --depth 18 --iters 3
@@ -129,13 +130,16 @@ class StepTimer:
 
 
 def time_models(cfgs, batch, args):
-    """{name: median images/s}. Eager models are built together and timed round-robin (each
-    repeat times every model once, in turn), so that drift of the machine (clocks, other load)
-    and the order of the models do not favour one of them. Compiled models are timed one after
-    the other (each compiles and captures its graphs alone)."""
+    """{name: median images/s over the repeats}.
+
+    ``--order sequential`` (default, and always under --compile): one model at a time, alone on
+    the device, as a training process runs it. ``--order round-robin``: all models built
+    together, every repeat timing each once in turn, so that drift of the machine cannot favour
+    one of them (but they share the device's memory and caching allocator while timed).
+    """
     names = list(cfgs)
     rates = {n: [] for n in names}
-    if args.compile:
+    if args.compile or args.order == "sequential":
         for n in names:
             t = StepTimer(cfgs[n], batch, args)
             t.run(args.warmup)
@@ -191,6 +195,12 @@ def main():
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--compile", action="store_true", help="torch.compile the encoders")
     p.add_argument("--compile-mode", default="default", help="RESIM.SPEED.COMPILE_MODE")
+    p.add_argument(
+        "--order",
+        default="sequential",
+        choices=["sequential", "round-robin"],
+        help="time the models one after another (alone on the device) or in turn per repeat",
+    )
     p.add_argument("--depth", type=int, default=50)
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
@@ -207,6 +217,7 @@ def main():
     mode = "bf16" if args.bf16 else "fp32"
     mode += "+channels_last" if args.channels_last else ""
     mode += f"+compile({args.compile_mode})" if args.compile else ""
+    mode += " order=round-robin" if args.order == "round-robin" and not args.compile else ""
     dev = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
     print(f"device={dev} torch={torch.__version__} R{args.depth} 224px mode={mode}")
     for batch in args.batch:

@@ -3,9 +3,9 @@
 # and detectron2 v0.6's Python tree into /tmp/site, then runs the CUDA tests and the benchmarks,
 # in the order of STEPS (most important first), each under its own time limit, logging to
 # $OUT/device.log as it goes so that a cut-off run still returns what it measured.
-# Prepare the carry folder here first (see README "GPU checks").
+# Fill the carry folder here first: bash benchmarks/prepare_carry.sh
 #
-#   STEPS="prroi pretrain compile views" bash benchmarks/device_check.sh
+#   STEPS="prroi pretrain compile_graphs train_demo" bash benchmarks/device_check.sh
 set -uo pipefail
 OUT="${OUT:-out}"; mkdir -p "$OUT"
 LOG="$OUT/device.log"
@@ -54,10 +54,11 @@ for step in ${STEPS:-prroi pretrain compile views}; do
     simsiam)
       run 120 python3 $bench --device cuda --batch 128 --bf16 --channels-last --repeats 2 \
         --models simsiam resim_fpn_simsiam ;;
-    pretrain_all)  # the issue's four settings, models timed round-robin
+    pretrain_rr)  # bf16 and fp32, batch 128 and 64, models timed in turn (drift check)
       run 150 python3 $bench --device cuda --batch 128 64 --bf16 --channels-last --iters 20 \
-        --repeats 5
-      run 150 python3 $bench --device cuda --batch 128 64 --iters 10 --repeats 3 ;;
+        --repeats 5 --order round-robin
+      run 150 python3 $bench --device cuda --batch 128 64 --iters 10 --repeats 3 \
+        --order round-robin ;;
     pretrain64fp32)
       run 120 python3 $bench --device cuda --batch 64 --repeats 2 ;;
     compile)
