@@ -20,6 +20,7 @@ import os
 import random
 import sys
 import types
+import warnings
 
 import numpy as np
 
@@ -296,6 +297,30 @@ def _torch_load_weights_only():
     APPLIED["torch_load_numpy"] = "torch>=2.6 loads weights_only; detectron2 checkpoints hold NumPy"
 
 
+# modules that call torch.jit.script at import (deprecated in torch 2.11; torch warns per call)
+_JIT_SCRIPT_USERS = ("fvcore.nn.focal_loss", "detectron2.modeling.box_regression")
+_JIT_SCRIPT_WARNING = r"`torch\.jit\.script` is (deprecated|not supported)"
+
+
+@contextlib.contextmanager
+def _quiet_jit_script(module):
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=_JIT_SCRIPT_WARNING)
+        yield
+
+
+def _jit_script_warning():
+    import torch
+
+    if tuple(int(x) for x in torch.__version__.split(".")[:2]) < (2, 11):
+        return
+    for name in _JIT_SCRIPT_USERS:
+        _patch_module(name, around=_quiet_jit_script)
+    APPLIED["jit_script_warning"] = (
+        "torch>=2.11 warns on every torch.jit.script; fvcore/detectron2 script helpers at import"
+    )
+
+
 _ADAPTATIONS = {
     "pillow_linear": _pillow_linear,
     "numpy_aliases": _numpy_aliases,
@@ -303,6 +328,7 @@ _ADAPTATIONS = {
     "compiled_ops": _compiled_ops,
     "torch_load_numpy": _torch_load_weights_only,
     "set_sampling": _python_set_sampling,
+    "jit_script_warning": _jit_script_warning,
 }
 _done = False
 

@@ -162,3 +162,28 @@ def test_map_dataset_retries_a_failed_record():
 
     ds = MapDataset([0, 1, 2, 3], lambda x: None if x == 0 else x * 10)
     assert all(ds[0] in (10, 20, 30) for _ in range(5)) and ds[2] == 20
+
+
+def test_jit_script_warning_silenced_only_for_the_imports_that_script(tmp_path):
+    _needs("jit_script_warning")
+    # torch.jit.script reads its function's source, so the user's call lives in a file
+    user = tmp_path / "user_code.py"
+    user.write_text(textwrap.dedent("""
+            import warnings
+            warnings.simplefilter("always")  # print every warning, none deduplicated
+            import detectron2.modeling, fvcore.nn  # both call torch.jit.script at import
+            import torch
+
+            def f(x: torch.Tensor) -> torch.Tensor:
+                return x + 1
+
+            torch.jit.script(f)  # the user's own call still warns
+            """))
+    code = f"""
+        import runpy
+        runpy.run_path({str(user)!r})
+    """
+    with_fix, without = _run_without("", code), _run_without("jit_script_warning", code)
+    assert with_fix.returncode == 0, with_fix.stderr
+    assert with_fix.stderr.count("`torch.jit.script` is") == 1  # the user's call only
+    assert without.stderr.count("`torch.jit.script` is") >= 3  # fvcore's 2 and detectron2's 2
