@@ -23,6 +23,7 @@ import torch
 import resim_d2  # noqa: F401
 from resim_d2 import add_resim_config, get_config_file
 from resim_d2.data.view_geometry import make_windows, sample_view_pair
+from resim_d2.modeling.meta_arch import CUDAGRAPH_MODES
 
 from detectron2.config import get_cfg
 from detectron2.modeling import build_model
@@ -120,7 +121,7 @@ class StepTimer:
             breaks = sum(counters["graph_break"].values())
             graphs = counters["stats"].get("unique_graphs", 0)
             print(f"  torch.compile: {graphs} graphs so far, {breaks} graph breaks", end="")
-            if self.args.compile_mode in ("reduce-overhead", "max-autotune"):
+            if self.args.compile_mode in CUDAGRAPH_MODES:
                 # inductor counts each graph it could not capture as a CUDA graph (the reason
                 # is logged)
                 print(f", {counters['inductor']['cudagraph_skips']} CUDA-graph skips", end="")
@@ -139,21 +140,13 @@ def time_models(cfgs, batch, args):
     """
     names = list(cfgs)
     rates = {n: [] for n in names}
-    if args.compile or args.order == "sequential":
-        for n in names:
-            t = StepTimer(cfgs[n], batch, args)
-            t.run(args.warmup)
-            rates[n] = [t.run(args.iters) for _ in range(args.repeats)]
-            t.report()
-            del t
-            if args.device.startswith("cuda"):
-                torch.cuda.empty_cache()
-    else:
-        timers = {n: StepTimer(cfgs[n], batch, args) for n in names}
+    one_at_a_time = args.compile or args.order == "sequential"
+    for group in [[n] for n in names] if one_at_a_time else [names]:
+        timers = {n: StepTimer(cfgs[n], batch, args) for n in group}
         for t in timers.values():
             t.run(args.warmup)
         for _ in range(args.repeats):
-            for n in names:
+            for n in group:
                 rates[n].append(timers[n].run(args.iters))
         for t in timers.values():
             t.report()

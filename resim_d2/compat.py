@@ -288,10 +288,14 @@ def _python_set_sampling():
     APPLIED["set_sampling"] = "Python>=3.11 random.sample() refuses sets (MapDataset retry)"
 
 
-def _torch_load_weights_only():
+def _torch_version() -> tuple[int, int]:
     import torch
 
-    if tuple(int(x) for x in torch.__version__.split(".")[:2]) < (2, 6):
+    return tuple(int(x) for x in torch.__version__.split(".")[:2])
+
+
+def _torch_load_weights_only():
+    if _torch_version() < (2, 6):
         return
     _patch_module("detectron2.checkpoint.detection_checkpoint", after=_checkpoints_with_numpy)
     APPLIED["torch_load_numpy"] = "torch>=2.6 loads weights_only; detectron2 checkpoints hold NumPy"
@@ -310,9 +314,7 @@ def _quiet_jit_script(module):
 
 
 def _jit_script_warning():
-    import torch
-
-    if tuple(int(x) for x in torch.__version__.split(".")[:2]) < (2, 11):
+    if _torch_version() < (2, 11):
         return
     for name in _JIT_SCRIPT_USERS:
         _patch_module(name, around=_quiet_jit_script)

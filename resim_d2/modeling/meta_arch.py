@@ -95,7 +95,7 @@ _AMP_DTYPES = {
 _TRAINABLE_NORMS = ("BN", "SyncBN", "naiveSyncBN", "nnSyncBN", "GN")
 _COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 # torch.compile modes that replay CUDA graphs (on CUDA devices)
-_CUDAGRAPH_MODES = ("reduce-overhead", "max-autotune")
+CUDAGRAPH_MODES = ("reduce-overhead", "max-autotune")
 
 
 def all_output_shapes(backbone: Backbone) -> dict:
@@ -637,7 +637,7 @@ class ReSim(nn.Module):
     def forward(self, batched_inputs):
         if not self.training:
             return self.inference(batched_inputs)
-        if self.compile_encoders and self.compile_mode in _CUDAGRAPH_MODES:
+        if self.compile_encoders and self.compile_mode in CUDAGRAPH_MODES:
             # a new training step: outputs of the previous step's CUDA graphs may be overwritten
             torch.compiler.cudagraph_mark_step_begin()
         skipped = sum(int(d.get("num_skipped", 0)) for d in batched_inputs)
