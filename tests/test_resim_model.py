@@ -579,28 +579,51 @@ def _assert_same_step(eager, compiled, rtol=1e-4):
     assert diff < rtol * norm, f"gradients differ by {float(diff / norm):.2e} of their norm"
 
 
+def _noisy(batch, seed):
+    """The batch's views with pixel noise: the smooth toy images leave near-ties in the stem's
+    max-pool, which turn rounding differences into gradient differences of ~0.5%."""
+    g = torch.Generator().manual_seed(seed)
+    for d in batch:
+        for key in ("image_q", "image_k"):
+            x = torch.as_tensor(d[key]).float()
+            x = x + 40 * torch.randn(x.shape, generator=g)
+            d[key] = x.clamp(0, 255).round().to(torch.uint8)
+    return batch
+
+
 @pytest.mark.slow
-def test_compiled_encoders_train_like_eager():
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize(
+    # Measured: compiled vs eager gradients differ by ~3e-6 of their norm on the GroupNorm FPN
+    # model, ~8e-5 on SimSiam (its batch-normed MLPs on 4 images amplify rounding; eager with other
+    # conv kernels differs from eager by 1e-4 too), so SimSiam's check is looser: it still catches
+    # a compiled call whose outputs a later call overwrote.
+    "framework, rtol",
+    [("moco", 1e-4), ("simsiam", 1e-3)],
+)
+def test_compiled_encoders_train_like_eager(framework, rtol):
     # RESIM.SPEED.COMPILE runs the same computation as eager: the first step from the same
     # initialisation, and a step after an SGD update (the compiled graphs see the new weights, the
     # momentum-updated key encoder and the new queue), compared with an eager copy of the model.
-    # Only same-state comparisons: over several steps, max-pool near-ties on these smooth toy
-    # images turn float-reordering differences into gradient differences of ~0.1%.
+    # SimSiam calls the compiled query encoder twice per step, both with gradients.
     from torch._dynamo.utils import counters
 
-    cfg = tiny_cfg("c4")
-    b0, b1 = make_batch(cfg, seed=0), make_batch(cfg, seed=1)
+    if framework == "moco":
+        cfg = _gn_shuffle_cfg()  # ReSim-FPN, GroupNorm
+    else:
+        cfg = tiny_cfg("c4", framework=framework)  # its projector needs BatchNorm
+    b0, b1 = _noisy(make_batch(cfg, seed=0), 0), _noisy(make_batch(cfg, seed=1), 1)
     eager = build(cfg)
     cfg.RESIM.SPEED.COMPILE = True
     model = build(cfg)
     graphs = counters["stats"]["unique_graphs"]
     first = _grads(model, model, b0)
-    _assert_same_step(_grads(eager, eager, b0), first)
-    assert counters["stats"]["unique_graphs"] >= graphs + 2  # query and key encoders compiled
+    _assert_same_step(_grads(eager, eager, b0), first, rtol)
+    assert counters["stats"]["unique_graphs"] > graphs  # the encoders were compiled
     torch.optim.SGD(model.parameters(), lr=0.05).step()
     copy_ = copy.deepcopy(model)  # drops the compiled cache
     copy_.compile_encoders = False
-    _assert_same_step(_grads(copy_, copy_, b1), _grads(model, model, b1))
+    _assert_same_step(_grads(copy_, copy_, b1), _grads(model, model, b1), rtol)
 
 
 def _gloo_compile_worker(rank, world, init_file, out_file):
