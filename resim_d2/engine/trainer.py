@@ -1,149 +1,101 @@
-"""DefaultTrainer for both jobs: ReSim pre-training and detectron2 fine-tuning."""
+"""One trainer for every kind of run, asking a :class:`~resim_d2.engine.run_kind.RunKind` for
+each piece."""
 
 import logging
-import math
 import weakref
 
-from detectron2.data import DatasetCatalog
-from detectron2.data.build import get_detection_dataset_dicts
-from detectron2.engine import DefaultTrainer
+from detectron2.engine import DefaultTrainer, create_ddp_model
+from detectron2.engine.train_loop import TrainerBase
 from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
 
-from ..checkpoint import TransferCheckpointer
-from ..evaluation import build_evaluator
-from ..evaluation.region_correspondence import RegionCorrespondenceEvaluator, held_out_pairs
-from .hooks import ReSimMetricsHook
+from .run_kind import build_run_kind
 
-__all__ = ["Trainer", "is_pretraining", "resolve_pretrain_schedule"]
+__all__ = ["Trainer"]
 
 logger = logging.getLogger(__name__)
 
 
-def is_pretraining(cfg) -> bool:
-    """Whether ``cfg`` describes ReSim pre-training (as opposed to a detectron2 detector)."""
-    return cfg.MODEL.META_ARCHITECTURE == "ReSim"
-
-
-def is_linear_probe(cfg) -> bool:
-    """Whether ``cfg`` is the ImageNet linear probe (frozen backbone, linear classifier)."""
-    return cfg.MODEL.META_ARCHITECTURE == "LinearProbe"
-
-
-def resolve_pretrain_schedule(cfg):
-    """Turn RESIM.SCHEDULE (epochs, lr per 256 images) into SOLVER.MAX_ITER and SOLVER.BASE_LR.
-
-    ``cfg`` must be mutable; returns it. Epochs count images of DATASETS.TRAIN; the learning rate
-    scales linearly with the total batch (SOLVER.IMS_PER_BATCH, over all processes).
-    """
-    sched, solver = cfg.RESIM.SCHEDULE, cfg.SOLVER
-    if sched.LR_PER_256 > 0:
-        solver.BASE_LR = sched.LR_PER_256 * solver.IMS_PER_BATCH / 256.0
-    if sched.EPOCHS > 0:
-        images = sum(len(DatasetCatalog.get(name)) for name in cfg.DATASETS.TRAIN)
-        solver.MAX_ITER = max(1, math.ceil(sched.EPOCHS * images / solver.IMS_PER_BATCH))
-        logger.info(
-            f"{sched.EPOCHS} epochs of {images} images at batch {solver.IMS_PER_BATCH}: "
-            f"SOLVER.MAX_ITER = {solver.MAX_ITER}, SOLVER.BASE_LR = {solver.BASE_LR:g}"
-        )
-    return cfg
-
-
 class Trainer(DefaultTrainer):
-    """detectron2's DefaultTrainer, plus what pre-training needs.
+    """detectron2's DefaultTrainer, with every piece built by the config's run kind.
 
-    * Evaluators come from the test dataset's ``evaluator_type`` (:func:`build_evaluator`); for
-      ReSim, the region-correspondence score on held-out two-view pairs.
-    * Pre-training data is a resumable stream (:mod:`resim_d2.data.stream`): ``--resume`` continues
-      with exactly the batches the uninterrupted run would have seen.
-    * A NaN/Inf loss stops the run before the optimizer step, naming the last good checkpoint.
+    The kind (:func:`~resim_d2.engine.run_kind.build_run_kind`: ReSim pre-training, detector
+    fine-tuning, DensePose R-CNN, linear probe) builds the model, optimizer, LR scheduler, loaders,
+    evaluators, checkpointer, hooks and writers; the classmethods below keep DefaultTrainer's
+    signatures and forward to it. On top, for every kind:
+
+    * the optimizer and the data stream's seed are checkpointed (v0.6's DefaultTrainer saves no
+      optimizer state, so ``--resume`` restarted SGD momentum and the first step used the initial
+      lr);
+    * a NaN/Inf loss stops the run before the optimizer step, naming the last good checkpoint.
     """
 
     def __init__(self, cfg):
+        # DefaultTrainer.__init__'s construction, in the run kind's terms, with the kind's
+        # checkpointer in place before the hooks (which save through it) are built
+        TrainerBase.__init__(self)
+        if not logging.getLogger("detectron2").isEnabledFor(logging.INFO):
+            setup_logger()
+        cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
+        self.kind = build_run_kind(cfg)
         self._data_seed = self._initial_data_seed(cfg)
-        super().__init__(cfg)
-        if not is_pretraining(cfg):
-            # converted ReSim-FPN files carry FPN weights; RESIM.FINETUNE.TRANSFER_FPN decides
-            # whether they are loaded (ReSim-FPN^T) or ignored (ReSim-FPN)
-            self.checkpointer = TransferCheckpointer(
-                self._trainer.model,
-                cfg.OUTPUT_DIR,
-                transfer_fpn=cfg.RESIM.FINETUNE.TRANSFER_FPN,
-                trainer=weakref.proxy(self),
-            )
+        model = self.kind.build_model()
+        optimizer = self.kind.build_optimizer(model)
+        data_loader = self.kind.build_train_loader()
+        model = create_ddp_model(model, broadcast_buffers=False)
+        self._trainer = self.kind.build_step_trainer(model, data_loader, optimizer)
+        self.scheduler = self.kind.build_lr_scheduler(optimizer)
+        self.checkpointer = self.kind.build_checkpointer(
+            model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self)
+        )
+        self.start_iter = 0
+        self.max_iter = cfg.SOLVER.MAX_ITER
+        self.cfg = cfg
+        self.register_hooks(self.build_hooks())
 
     def build_hooks(self):
-        hooks = super().build_hooks()
-        if is_pretraining(self.cfg):
-            # before the writers (last in the list), so each step's metrics reach them
-            hooks.insert(len(hooks) - 1, ReSimMetricsHook())
-        return hooks
+        return self.kind.build_hooks(self, super().build_hooks())
+
+    def build_writers(self):
+        return self.kind.build_writers(super().build_writers())
 
     @staticmethod
     def _initial_data_seed(cfg):
         # the stream's seed goes into checkpoints, so a resumed run continues the same stream
         return cfg.SEED if cfg.SEED >= 0 else comm.shared_random_seed()
 
-    # ----------------------------------------------------------------------------- data
+    # ------------------------------------------------- DefaultTrainer's builders, by the kind
+    @classmethod
+    def build_model(cls, cfg):
+        return build_run_kind(cfg).build_model()
+
+    @classmethod
+    def build_optimizer(cls, cfg, model):
+        return build_run_kind(cfg).build_optimizer(model)
+
+    @classmethod
+    def build_lr_scheduler(cls, cfg, optimizer):
+        return build_run_kind(cfg).build_lr_scheduler(optimizer)
+
     @classmethod
     def build_train_loader(cls, cfg, start_iter=0, seed=None):
-        if is_linear_probe(cfg):
-            from ..data.classification import build_classification_train_loader
-
-            return build_classification_train_loader(cfg)
-        if not is_pretraining(cfg):
-            return super().build_train_loader(cfg)
-        backend = cfg.RESIM.VIEWS.BACKEND
-        if backend == "gpu":  # workers read files; views are made batched on the model's device
-            from ..data.gpu_loader import build_gpu_pretrain_loader
-
-            return build_gpu_pretrain_loader(cfg, start_iter=start_iter, seed=seed)
-        if backend != "cpu":
-            raise ValueError(f"RESIM.VIEWS.BACKEND must be 'cpu' or 'gpu', got {backend!r}")
-        from ..data.build import build_pretrain_train_loader
-
-        return build_pretrain_train_loader(cfg, start_iter=start_iter, seed=seed)
+        return build_run_kind(cfg).build_train_loader(start_iter, seed=seed)
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):
-        if is_linear_probe(cfg):
-            from ..data.classification import build_classification_test_loader
-
-            return build_classification_test_loader(cfg, dataset_name)
-        if not is_pretraining(cfg):
-            return super().build_test_loader(cfg, dataset_name)
-        from ..data.build import build_batched_test_loader
-        from ..data.two_view_mapper import TwoViewMapper
-
-        # Held-out pairs: the training augmentations (colour included, so the score is not a
-        # pixel-matching test), each pair seeded from the file name and its index, so every
-        # evaluation sees the same views; PAIRS_PER_IMAGE pairs of every image.
-        records = get_detection_dataset_dicts([dataset_name], filter_empty=False)
-        pairs = held_out_pairs(records, cfg.RESIM.EVAL.PAIRS_PER_IMAGE)
-        args = TwoViewMapper.from_config(cfg, is_train=False)
-        args["color_augment"] = TwoViewMapper.from_config(cfg, is_train=True)["color_augment"]
-        mapper = TwoViewMapper(**args)
-        return build_batched_test_loader(
-            pairs,
-            lambda r: mapper(r, rng=r["eval_seed"]),
-            cfg.RESIM.EVAL.IMS_PER_BATCH,
-            cfg.DATALOADER.NUM_WORKERS,
-        )
+        return build_run_kind(cfg).build_test_loader(dataset_name)
 
     @classmethod
-    def build_evaluator(cls, cfg, dataset_name, output_folder=None):
-        if is_linear_probe(cfg):
-            from ..evaluation.classification import ClassificationEvaluator
+    def build_evaluator(cls, cfg, dataset_name, output_folder=None, model=None):
+        return build_run_kind(cfg).build_evaluator(dataset_name, output_folder, model=model)
 
-            return ClassificationEvaluator(dataset_name)
-        if is_pretraining(cfg):
-            return RegionCorrespondenceEvaluator(dataset_name, group_size=cfg.RESIM.EVAL.GROUP_SIZE)
-        return build_evaluator(cfg, dataset_name, output_folder)
+    @classmethod
+    def test(cls, cfg, model, evaluators=None):
+        return build_run_kind(cfg).test(model, evaluators)
 
     # ----------------------------------------------------------------------------- state
     def state_dict(self):
         ret = super().state_dict()
-        # detectron2 v0.6's DefaultTrainer checkpoints no optimizer state (later versions do), so a
-        # resumed run restarted SGD momentum from zero and the first step used the initial lr
         ret["_trainer"] = self._trainer.state_dict()
         ret["data_seed"] = self._data_seed
         return ret
@@ -156,9 +108,8 @@ class Trainer(DefaultTrainer):
 
     def resume_or_load(self, resume=True):
         super().resume_or_load(resume=resume)
-        if is_pretraining(self.cfg) and (self.start_iter > 0 or self._data_seed != self.cfg.SEED):
-            # the loader built in __init__ started at iteration 0; continue the stream instead
-            loader = self.build_train_loader(self.cfg, self.start_iter, seed=self._data_seed)
+        loader = self.kind.resumed_train_loader(self.start_iter, self._data_seed)
+        if loader is not None:  # e.g. a pre-training stream continued where it stopped
             self._trainer.data_loader = loader
             self._trainer._data_loader_iter = iter(loader)
 
