@@ -349,3 +349,84 @@ def apply():
         if name not in off and "all" not in off:
             adapt()
     _done = True
+
+
+# -------------------------------------------------------------------------------------------------
+# Transfer targets: detectron2's DensePose project (v0.6) and the Cityscapes scripts that
+# detectron2's Cityscapes evaluators call. Registered into _ADAPTATIONS at the end of this section.
+# -------------------------------------------------------------------------------------------------
+# DensePose modules that use NumPy aliases removed in NumPy 1.24 (np.int, np.float)
+_DENSEPOSE_NUMPY_ALIAS_USERS = (
+    "densepose.evaluation.densepose_coco_evaluation",
+    "densepose.vis.base",
+)
+# Cityscapes evaluation scripts -> the NumPy functions NumPy 2 changed under them: np.in1d
+# (removed in NumPy 2.4), np.count_nonzero (returns a NumPy integer since NumPy 2, which the
+# instance evaluation then fails to write to JSON)
+_CITYSCAPES_NUMPY2_USERS = {
+    "cityscapesscripts.evaluation.evalInstanceLevelSemanticLabeling": ("in1d", "count_nonzero"),
+    "cityscapesscripts.evaluation.evalPixelLevelSemanticLabeling": ("in1d",),
+}
+
+
+def _numpy_view(name_to_value: dict) -> types.ModuleType:
+    """A view of numpy in which ``name_to_value`` replaces or adds attributes."""
+    view = types.ModuleType("numpy")
+
+    def __getattr__(name):
+        if name in name_to_value:
+            return name_to_value[name]
+        return getattr(np, name)
+
+    view.__getattr__ = __getattr__
+    view.__dict__.update({"__name__": "numpy", "__file__": np.__file__})
+    return view
+
+
+def _in1d(ar1, ar2, assume_unique=False, invert=False, **kwargs):
+    # NumPy's own definition of in1d: isin on the flattened first array
+    return np.isin(np.ravel(ar1), ar2, assume_unique=assume_unique, invert=invert, **kwargs)
+
+
+def _count_nonzero_as_int(a, axis=None, **kwargs):
+    # NumPy < 2 returned a Python int when counting the whole array
+    count = np.count_nonzero(a, axis=axis, **kwargs)
+    return int(count) if axis is None else count
+
+
+def _densepose_numpy_aliases():
+    if all(k in np.__dict__ for k in _REMOVED_NUMPY_ALIASES):
+        return
+    view = _numpy_with_removed_aliases()
+    for name in _DENSEPOSE_NUMPY_ALIAS_USERS:
+        _patch_module(name, after=lambda m: setattr(m, "np", view))
+    APPLIED["densepose_numpy_aliases"] = (
+        "NumPy>=1.24 removed np.int/np.float (DensePose GPS evaluation, visualisation)"
+    )
+
+
+def _cityscapes_numpy2():
+    replacements = {}
+    if not hasattr(np, "in1d"):
+        replacements["in1d"] = _in1d
+    if not isinstance(np.count_nonzero(np.zeros(1)), int):
+        replacements["count_nonzero"] = _count_nonzero_as_int
+    if not replacements:
+        return
+    for name, uses in _CITYSCAPES_NUMPY2_USERS.items():
+        needed = {k: v for k, v in replacements.items() if k in uses}
+        if needed:
+            view = _numpy_view(needed)
+            _patch_module(name, after=lambda m, view=view: setattr(m, "np", view))
+    APPLIED["cityscapes_numpy2"] = (
+        f"NumPy 2 changed {sorted(replacements)} under the Cityscapes evaluation scripts "
+        "(np.in1d removed; np.count_nonzero's NumPy integers break their JSON output)"
+    )
+
+
+_ADAPTATIONS.update(
+    {
+        "densepose_numpy_aliases": _densepose_numpy_aliases,
+        "cityscapes_numpy2": _cityscapes_numpy2,
+    }
+)
