@@ -4,7 +4,6 @@ import os
 
 from detectron2.data import MetadataCatalog
 from detectron2.evaluation import (
-    CityscapesInstanceEvaluator,
     CityscapesSemSegEvaluator,
     COCOEvaluator,
     DatasetEvaluators,
@@ -12,6 +11,7 @@ from detectron2.evaluation import (
     SemSegEvaluator,
 )
 
+from .cityscapes import CityscapesInstanceEvaluatorInFolder
 from .voc_ap_iou import PascalVOCDetectionEvaluatorAllIoU
 
 # evaluator_type -> factory(cfg, dataset_name, output_folder)
@@ -20,7 +20,8 @@ _FACTORIES = {
     # AP, AP50, AP75 as detectron2's, plus AP at every IoU 0.50..0.95 (voc_ap_per_iou.json)
     "pascal_voc": lambda cfg, name, out: PascalVOCDetectionEvaluatorAllIoU(name, output_dir=out),
     "lvis": lambda cfg, name, out: LVISEvaluator(name, output_dir=out),
-    "cityscapes_instance": lambda cfg, name, out: CityscapesInstanceEvaluator(name),
+    # matches.json, which the Cityscapes scripts write to the working directory, kept in `out`
+    "cityscapes_instance": lambda cfg, name, out: CityscapesInstanceEvaluatorInFolder(name, out),
     "cityscapes_sem_seg": lambda cfg, name, out: CityscapesSemSegEvaluator(name),
     "sem_seg": lambda cfg, name, out: SemSegEvaluator(name, distributed=True, output_dir=out),
 }
