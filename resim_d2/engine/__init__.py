@@ -1,4 +1,4 @@
-from . import finetuning, pretraining  # noqa: F401  (register the run kinds)
+from . import densepose_rcnn, finetuning, pretraining  # noqa: F401  (register the run kinds)
 from .finetuning import is_linear_probe
 from .hooks import ReSimMetricsHook
 from .pretraining import is_pretraining, resolve_pretrain_schedule

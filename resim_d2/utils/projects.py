@@ -2,7 +2,8 @@
 
 DensePose R-CNN (``configs/finetune/densepose_*.yaml``) needs detectron2's DensePose project, the
 ``densepose`` package: its config keys (``MODEL.DENSEPOSE_ON``, ``MODEL.ROI_DENSEPOSE_HEAD.*``),
-its ROI heads (``DensePoseROIHeads``), datasets and evaluator. It is not a dependency of resim_d2.
+its ROI heads (``DensePoseROIHeads``), datasets and evaluator. It is not a dependency of resim_d2
+(``bash run.sh setup --densepose`` adds it; :mod:`resim_d2.utils.densepose_project` sets it up).
 Call :func:`add_project_configs` between ``add_resim_config(cfg)`` and ``cfg.merge_from_file``: it
 adds the project's keys when the file needs them, and without the project it raises
 :class:`MissingProjectError` saying how to install it (instead of detectron2's "Non-existent config
@@ -17,17 +18,24 @@ from detectron2.config import CfgNode
 
 __all__ = ["MissingProjectError", "PROJECTS", "add_project_configs", "required_projects"]
 
-# name -> (module, function that adds its config keys, how to install it)
+# name -> (function importing and setting up the project, function adding its config keys,
+# how to install it)
 PROJECTS = {
     "DensePose": (
-        "densepose",
+        "resim_d2.utils.densepose_project:ensure_densepose",
         "add_densepose_config",
-        "pip install --no-deps 'git+https://github.com/facebookresearch/detectron2@v0.6"
+        "bash run.sh setup --densepose [PATH]\n"
+        "  PATH: the projects/DensePose folder of a detectron2 v0.6 checkout (offline: a copy on "
+        "disk, e.g. ../shared/third_party/detectron2-v0.6/projects/DensePose); without PATH run.sh "
+        "clones detectron2 v0.6. It writes a .pth file naming that folder into the venv and "
+        "pip installs av and scipy. By hand:\n"
+        "  echo /path/to/detectron2/projects/DensePose > \"$(python -c 'import sysconfig; "
+        'print(sysconfig.get_paths()["purelib"])\')/densepose_project.pth" && '
+        "pip install av scipy\n"
+        "  or: pip install --no-deps 'git+https://github.com/facebookresearch/detectron2@v0.6"
         "#subdirectory=projects/DensePose' && pip install av scipy\n"
-        "  (or: git clone -b v0.6 https://github.com/facebookresearch/detectron2 && "
-        "export PYTHONPATH=$PWD/detectron2/projects/DensePose:$PYTHONPATH)\n"
-        "  --no-deps keeps the installed detectron2: the project's own requirement would build "
-        "detectron2 from source.",
+        "  (--no-deps keeps the installed detectron2: the project's own requirement would build "
+        "detectron2 from source; its setup.py cannot install from a standalone copy of the folder)",
     ),
 }
 
@@ -61,13 +69,14 @@ def add_project_configs(cfg: CfgNode, config_file: str) -> list[str]:
     """
     needed = required_projects(config_file)
     for name in needed:
-        module_name, add_fn, install = PROJECTS[name]
+        set_up, add_fn, install = PROJECTS[name]
+        module_name, fn = set_up.split(":")
         try:
-            module = importlib.import_module(module_name)
+            module = getattr(importlib.import_module(module_name), fn)()
         except ImportError as e:
             raise MissingProjectError(
                 f"{config_file} needs detectron2's {name} project (Python package "
-                f"'{module_name}'), which is not installed ({e}). Install it for detectron2 "
+                f"'{name.lower()}'), which is not installed ({e}). Install it for detectron2 "
                 f"v0.6:\n  {install}"
             ) from e
         getattr(module, add_fn)(cfg)
