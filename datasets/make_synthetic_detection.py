@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Write a small synthetic detection dataset in the real PASCAL VOC (XML) or COCO (JSON) format.
+"""Write small synthetic datasets in the real on-disk formats: PASCAL VOC (XML), COCO (JSON), and
+every transfer target in the layout detectron2's builtin datasets expect.
 
 Images are textured backgrounds with coloured rectangles, discs and bars (3 classes); see
 resim_d2/utils/synthetic_detection.py. No download; deterministic for a seed.
@@ -10,7 +11,13 @@ resim_d2/utils/synthetic_detection.py. No download; deterministic for a seed.
     # with INPUT.MASK_FORMAT bitmask); one JSON + image folder per split
     python datasets/make_synthetic_detection.py coco datasets/resim_synthetic_coco --masks rle
 
-Register the result with detectron2's ``register_pascal_voc(name, root, split, 2007,
+    # VOC, COCO, Cityscapes and DensePose-COCO (with stand-ins of DensePose's data files) where
+    # detectron2's voc_*, coco_2017_*, cityscapes_fine_instance_seg_* and the DensePose project's
+    # densepose_coco_2014_* datasets look (resim_d2/utils/synthetic_transfer.py); then
+    #   DETECTRON2_DATASETS=/tmp/synth python tools/train_net.py --config-file configs/finetune/...
+    python datasets/make_synthetic_detection.py transfer /tmp/synth --targets coco densepose
+
+Register the voc/coco results with detectron2's ``register_pascal_voc(name, root, split, 2007,
 resim_d2.utils.synthetic_detection.CLASS_NAMES)`` or ``register_coco_instances(name, {}, json,
 image_dir)``. ``resim_synthetic_voc_{trainval,test}`` are registered by ``import resim_d2`` and
 generated on first use under $DETECTRON2_DATASETS.
@@ -23,11 +30,12 @@ import sys
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from resim_d2.utils.synthetic_detection import CLASS_NAMES, write_coco, write_voc  # noqa: E402
+from resim_d2.utils.synthetic_transfer import TARGETS, write_transfer_datasets  # noqa: E402
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("format", choices=["voc", "coco"])
+    p.add_argument("format", choices=["voc", "coco", "transfer"])
     p.add_argument("root", help="output folder")
     p.add_argument("--trainval", type=int, default=64, help="VOC trainval images")
     p.add_argument("--test", type=int, default=32, help="VOC test images")
@@ -37,12 +45,29 @@ def parse_args(argv=None):
     p.add_argument("--height", type=int, default=160)
     p.add_argument("--width", type=int, default=200)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--targets", nargs="+", choices=TARGETS, default=list(TARGETS), help="transfer")
+    p.add_argument(
+        "--images",
+        type=int,
+        nargs=2,
+        default=(8, 4),
+        metavar=("TRAIN", "TEST"),
+        help="transfer: images per training and test split",
+    )
     return p.parse_args(argv)
 
 
 def main(argv=None):
     args = parse_args(argv)
     size = (args.height, args.width)
+    if args.format == "transfer":
+        train, test = args.images
+        write_transfer_datasets(args.root, args.targets, train=train, test=test, seed=args.seed)
+        print(
+            f"{', '.join(args.targets)} in {os.path.abspath(args.root)}: "
+            f"export DETECTRON2_DATASETS={os.path.abspath(args.root)}"
+        )
+        return
     if args.format == "voc":
         write_voc(
             args.root, {"trainval": args.trainval, "test": args.test}, seed=args.seed, size=size

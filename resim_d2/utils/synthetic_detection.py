@@ -64,13 +64,16 @@ def make_images(num_images, size=(160, 200), max_objects=3, seed=0):
     return out
 
 
-def write_voc(root, splits, seed=0, size=(160, 200)):
+def write_voc(root, splits, seed=0, size=(160, 200), class_names=CLASS_NAMES):
     """Write a VOC-layout dataset under ``root`` (JPEGImages/, Annotations/, ImageSets/Main/).
 
     ``splits``: {"trainval": n, "test": m}. VOC boxes are 1-based inclusive pixel indices, so a
     shape covering pixels [x0, x1) is written as xmin = x0 + 1, xmax = x1 (detectron2's loader
-    subtracts 1 from xmin/ymin). Returns ``root``.
+    subtracts 1 from xmin/ymin). ``class_names``: the names the three shapes are written as (for
+    the layout of detectron2's builtin ``voc_*`` datasets, three of VOC's classes). Returns
+    ``root``.
     """
+    names = dict(zip(CLASS_NAMES, class_names))
     for sub in ("JPEGImages", "Annotations", os.path.join("ImageSets", "Main")):
         os.makedirs(os.path.join(root, sub), exist_ok=True)
     for split_idx, (split, n) in enumerate(sorted(splits.items())):
@@ -86,7 +89,7 @@ def write_voc(root, splits, seed=0, size=(160, 200)):
                 ET.SubElement(sz, k).text = str(v)
             for a in annos:
                 obj = ET.SubElement(ann, "object")
-                ET.SubElement(obj, "name").text = a["category"]
+                ET.SubElement(obj, "name").text = names[a["category"]]
                 ET.SubElement(obj, "pose").text = "Unspecified"
                 ET.SubElement(obj, "truncated").text = "0"
                 ET.SubElement(obj, "difficult").text = "0"
@@ -113,19 +116,34 @@ def _rle(poly, height, width):
     return rle, float(mask.sum())
 
 
-def write_coco(image_dir, json_path, num_images, seed=0, size=(160, 200), mask_format="polygon"):
+def write_coco(
+    image_dir,
+    json_path,
+    num_images,
+    seed=0,
+    size=(160, 200),
+    mask_format="polygon",
+    categories=None,
+    file_prefix="",
+):
     """Write images into ``image_dir`` and a COCO instances JSON to ``json_path``.
 
     ``mask_format``: "polygon" (``segmentation`` is ``[[x, y, ...]]``, area the polygon's) or
     "rle" (compressed RLE ``{"size": [h, w], "counts": str}`` of the drawn shape, area its pixel
-    count; detectron2 reads it with ``INPUT.MASK_FORMAT "bitmask"``). Returns ``json_path``.
+    count; detectron2 reads it with ``INPUT.MASK_FORMAT "bitmask"``). ``categories``: the JSON's
+    category list (``[{"id", "name"}, ...]``), the three shapes written as its first three
+    (default: ids 1-3 named after the shapes; for the layout of detectron2's builtin ``coco_*``
+    datasets, COCO's 80 categories). Image files are ``<file_prefix><index:05d>.jpg``. Returns
+    ``json_path``.
     """
     if mask_format not in ("polygon", "rle"):
         raise ValueError(f"mask_format must be 'polygon' or 'rle', got {mask_format!r}")
+    cats = categories or [{"id": i + 1, "name": n} for i, n in enumerate(CLASS_NAMES)]
+    category_id = {kind: c["id"] for kind, c in zip(CLASS_NAMES, cats)}
     os.makedirs(image_dir, exist_ok=True)
     images, annotations = [], []
     for i, (img, annos) in enumerate(make_images(num_images, size=size, seed=seed)):
-        name = f"{i:05d}.jpg"
+        name = f"{file_prefix}{i:05d}.jpg"
         img.save(os.path.join(image_dir, name), quality=95)
         images.append({"id": i + 1, "file_name": name, "width": img.width, "height": img.height})
         for a in annos:
@@ -138,14 +156,13 @@ def write_coco(image_dir, json_path, num_images, seed=0, size=(160, 200), mask_f
                 {
                     "id": len(annotations) + 1,
                     "image_id": i + 1,
-                    "category_id": CLASS_NAMES.index(a["category"]) + 1,
+                    "category_id": category_id[a["category"]],
                     "bbox": [x0, y0, x1 - x0, y1 - y0],
                     "area": area,
                     "segmentation": segmentation,
                     "iscrowd": 0,
                 }
             )
-    cats = [{"id": i + 1, "name": n} for i, n in enumerate(CLASS_NAMES)]
     os.makedirs(os.path.dirname(os.path.abspath(json_path)), exist_ok=True)
     with open(json_path, "w") as f:
         json.dump({"images": images, "annotations": annotations, "categories": cats}, f)
