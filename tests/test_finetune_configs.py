@@ -1,6 +1,7 @@
 """configs/finetune: every config builds and runs; the frozen-backbone protocol freezes what it
 says; the res5 box head has its extra norm; DensePose without its project fails clearly."""
 
+import ast
 import glob
 import importlib.util
 import os
@@ -13,7 +14,7 @@ from resim_d2 import add_resim_config
 from resim_d2.modeling.roi_heads import FrozenStatsBatchNorm2d, Res5ROIHeadsExtraNorm
 from resim_d2.utils.projects import MissingProjectError, add_project_configs, required_projects
 
-from detectron2.config import get_cfg
+from detectron2.config import CfgNode, get_cfg
 from detectron2.data import build_detection_train_loader
 from detectron2.engine import SimpleTrainer
 from detectron2.layers import FrozenBatchNorm2d
@@ -47,6 +48,10 @@ def tiny_cfg(name, opts=()):
     cfg.MODEL.FPN.OUT_CHANNELS = 32
     cfg.MODEL.ROI_BOX_HEAD.FC_DIM = 64
     cfg.MODEL.ROI_MASK_HEAD.CONV_DIM = 16
+    if "ROI_DENSEPOSE_HEAD" in cfg.MODEL:
+        head = cfg.MODEL.ROI_DENSEPOSE_HEAD
+        head.CONV_HEAD_DIM = head.DECODER_CONV_DIMS = 16
+        head.DECODER_NUM_CLASSES = cfg.MODEL.FPN.OUT_CHANNELS  # the decoder feeds the head
     cfg.merge_from_list(list(opts))
     return cfg
 
@@ -114,6 +119,22 @@ def test_recipes_as_the_paper_states(name):
         assert cfg.SOLVER.IMS_PER_BATCH == 8 and cfg.SOLVER.BASE_LR == 0.01
         assert tuple(cfg.SOLVER.STEPS) == (18000,) and cfg.INPUT.MIN_SIZE_TEST == 1024
         assert tuple(cfg.INPUT.MIN_SIZE_TRAIN) == tuple(range(800, 1025, 32))
+
+
+@pytest.mark.parametrize("name", [n for n in RECIPES if n.startswith("densepose")])
+def test_densepose_recipe_is_detectron2s_s1x(name):
+    """detectron2's DensePose s1x for the non-legacy head (lr 0.01, 2 coarse channels, decoder
+    on by default), read from the YAML so it is checked without the project installed."""
+    d = CfgNode.load_yaml_with_base(path_of(name), allow_unsafe=True)
+    solver, model = d["SOLVER"], d["MODEL"]
+    assert solver["BASE_LR"] == 0.01 and solver["IMS_PER_BATCH"] == 16
+    assert solver["MAX_ITER"] == 130000 and ast.literal_eval(solver["STEPS"]) == (100000, 120000)
+    assert solver["WARMUP_FACTOR"] == 0.1
+    head = model["ROI_DENSEPOSE_HEAD"]
+    assert head["NAME"] == "DensePoseV1ConvXHead" and head["NUM_COARSE_SEGM_CHANNELS"] == 2
+    assert "DECODER_ON" not in head  # the project's default (True) for this recipe
+    assert model["BACKBONE"]["FREEZE_AT"] == 0 and model["FPN"]["NORM"] == "SyncBN"
+    assert "densepose_coco_2014_minival" in str(d["DATASETS"]["TEST"])
 
 
 def test_full_size_voc_detector_is_r50_c4_with_syncbn():
@@ -209,6 +230,7 @@ def test_densepose_config_without_the_project_says_how_to_install_it(name):
     msg = str(e.value)
     assert name in msg and "DensePose" in msg and "densepose" in msg
     assert "pip install" in msg and "projects/DensePose" in msg
+    assert "run.sh setup --densepose" in msg and ".pth" in msg  # the local-path route
 
 
 def test_other_configs_need_no_project():
