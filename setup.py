@@ -42,5 +42,11 @@ setup(
         "scipy",
         "scikit-image>=0.22",
     ],
-    extras_require={"test": ["pytest>=8", "pytest-timeout"]},
+    extras_require={
+        "test": ["pytest>=8", "pytest-timeout"],
+        # Cityscapes loader (polygons) and evaluation scripts
+        "cityscapes": ["cityscapesscripts>=2.2", "shapely>=2.0"],
+        # detectron2's DensePose project itself is not on PyPI: see `bash run.sh setup --densepose`
+        "densepose": ["av", "scipy"],
+    },
 )
