@@ -1,6 +1,7 @@
 """The README's demo commands, shrunk to a few iterations (minutes: select with -m slow), and the
 demo's choice of CPU precision."""
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -46,14 +47,29 @@ def test_demo_pretrains_and_scores_correspondence(tmp_path):
 
 
 @pytest.mark.slow
-def test_e2e_demo_prints_the_table(tmp_path):
+def test_e2e_demo_prints_a_table_per_target(tmp_path):
     cmd = [sys.executable, os.path.join(REPO, "tools", "e2e_demo.py")]
     cmd += ["--output-dir", str(tmp_path), "--pretrain-iters", "2", "--finetune-iters", "4"]
+    cmd += ["--target-iters", "2", "--images", "4", "2"]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     assert "initialisation" in out
     with open(tmp_path / "results.json") as f:
-        table = json.load(f)
-    assert set(table) == {
-        f"{s}/{n}" for s in ("full", "frozen") for n in ("random init", "MoCo-v2", "ReSim-C4")
+        tables = json.load(f)
+    has_densepose = importlib.util.find_spec("densepose") is not None
+    assert set(tables) == {"voc", "coco", "cityscapes"} | (
+        {"densepose"} if has_densepose else set()
+    )
+    inits = ("random init", "MoCo-v2", "ReSim-C4")
+    assert set(tables["voc"]) == {f"{s}/{n}" for s in ("full", "frozen") for n in inits}
+    assert all(len(v) == 3 for v in tables["voc"].values())
+    headline = {
+        "coco": "segm/AP",
+        "cityscapes": "segm/AP",
+        "densepose": "densepose_gpsm/AP",
     }
-    assert all(len(v) == 3 for v in table.values())
+    for target, metric in headline.items():
+        if target in tables:
+            assert set(tables[target]) == {f"full/{n}" for n in inits}
+            assert all(metric in row for row in tables[target].values())
+    for title in ("COCO-format", "Cityscapes-layout"):
+        assert title in out
