@@ -418,9 +418,9 @@ def _cityscapes_numpy2():
         if needed:
             view = _numpy_view(needed)
             _patch_module(name, after=lambda m, view=view: setattr(m, "np", view))
+    changed = "/".join(f"np.{k}" for k in sorted(replacements))
     APPLIED["cityscapes_numpy2"] = (
-        f"NumPy 2 changed {sorted(replacements)} under the Cityscapes evaluation scripts "
-        "(np.in1d removed; np.count_nonzero's NumPy integers break their JSON output)"
+        f"NumPy 2 changed {changed} under the Cityscapes evaluation scripts"
     )
 
 

@@ -46,7 +46,7 @@ needs_densepose = pytest.mark.skipif(not HAS_DENSEPOSE, reason="DensePose projec
 
 
 def shrink(config):
-    return SHRINK + (SHRINK_DENSEPOSE if config.startswith("densepose") else [])
+    return SHRINK + (SHRINK_DENSEPOSE if "densepose" in config else [])
 
 
 def env_for(root):

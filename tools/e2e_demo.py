@@ -21,7 +21,7 @@ found through $DETECTRON2_DATASETS. The numbers come from minutes of CPU trainin
 show the pipeline works, not what ReSim is worth.
 
     python tools/e2e_demo.py [--output-dir output/e2e] [--pretrain-iters 60] [--finetune-iters 80]
-                             [--targets voc coco cityscapes densepose] [--target-iters 40]
+                             [--targets voc coco cityscapes densepose] [--target-iters 30]
 """
 
 import argparse
@@ -114,7 +114,7 @@ def main():
     p.add_argument("--output-dir", default="output/e2e")
     p.add_argument("--pretrain-iters", type=int, default=60)
     p.add_argument("--finetune-iters", type=int, default=80, help="VOC fine-tuning iterations")
-    p.add_argument("--target-iters", type=int, default=40, help="COCO/Cityscapes/DensePose ones")
+    p.add_argument("--target-iters", type=int, default=30, help="COCO/Cityscapes/DensePose ones")
     p.add_argument("--targets", nargs="+", choices=TARGETS, default=list(TARGETS))
     p.add_argument(
         "--images",
