@@ -152,9 +152,26 @@ def _patch_module(name, around=None, after=None):
         after(mod)
         # a module already imported has executed; 'around' fixes cannot reach it
         return
+    if name in _finder.patches:  # a second adaptation of the same module: apply both, in order
+        around, after = _chained(_finder.patches[name], (around, after))
     _finder.patches[name] = (around, after)
     if _finder not in sys.meta_path:
         sys.meta_path.insert(0, _finder)
+
+
+def _chained(first, second):
+    """One (around, after) pair that applies ``first`` and then ``second``."""
+
+    @contextlib.contextmanager
+    def around(module):
+        with first[0](module), second[0](module):
+            yield
+
+    def after(module):
+        first[1](module)
+        second[1](module)
+
+    return around, after
 
 
 @contextlib.contextmanager
@@ -323,6 +340,58 @@ def _jit_script_warning():
     )
 
 
+def _module_view(real: types.ModuleType, **overrides) -> types.ModuleType:
+    """A stand-in for ``real`` that answers ``overrides`` and forwards every other attribute."""
+    view = types.ModuleType(real.__name__)
+
+    def __getattr__(name):
+        return getattr(real, name)
+
+    view.__getattr__ = __getattr__
+    view.__dict__.update({"__file__": getattr(real, "__file__", None), **overrides})
+    return view
+
+
+def _safe_pickle_load(f, *args, **kwargs):
+    from resim_d2.checkpoint.safe_load import load_pickle_weights
+
+    return load_pickle_weights(f, encoding=kwargs.get("encoding", "latin1"))
+
+
+def _safe_torch_load(f, map_location=None, *args, **kwargs):
+    from resim_d2.checkpoint.safe_load import load_torch_weights
+
+    return load_torch_weights(f, map_location=map_location)
+
+
+def _load_weights_safely(module):
+    # the module's own `pickle.load` / `torch.load` become loaders that refuse anything but plain
+    # weights (resim_d2/checkpoint/safe_load.py); pickle and torch themselves are untouched
+    overrides = {}
+    if hasattr(module, "pickle"):
+        overrides["pickle"] = _module_view(module.pickle, load=_safe_pickle_load)
+    if hasattr(module, "torch"):
+        overrides["torch"] = _module_view(module.torch, load=_safe_torch_load)
+    for name, view in overrides.items():
+        setattr(module, name, view)
+
+
+# modules that read weight files: DetectionCheckpointer's .pkl (pickle.load) and .pyth
+# (torch.load) branches, and fvcore's Checkpointer, which reads every other file (torch.load)
+_WEIGHT_READERS = ("detectron2.checkpoint.detection_checkpoint", "fvcore.common.checkpoint")
+
+
+def _safe_weight_loading():
+    # Not a version fix: detectron2 (every version) unpickles .pkl weights with plain pickle.load,
+    # and torch.load's default depends on the torch version and TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD.
+    # Applied always, for a detectron2 built from source as well.
+    for name in _WEIGHT_READERS:
+        _patch_module(name, after=_load_weights_safely)
+    APPLIED["safe_weight_loading"] = (
+        "detectron2 unpickles .pkl weights with pickle.load (runs code); reads weights only"
+    )
+
+
 _ADAPTATIONS = {
     "pillow_linear": _pillow_linear,
     "numpy_aliases": _numpy_aliases,
@@ -331,6 +400,7 @@ _ADAPTATIONS = {
     "torch_load_numpy": _torch_load_weights_only,
     "set_sampling": _python_set_sampling,
     "jit_script_warning": _jit_script_warning,
+    "safe_weight_loading": _safe_weight_loading,
 }
 _done = False
 

@@ -7,9 +7,11 @@ library does not need the adaptation.
 
 import argparse
 import os
+import pickle
 import subprocess
 import sys
 import textwrap
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -129,7 +131,8 @@ def test_torch_load_numpy_checkpoint(tmp_path):
         from detectron2.checkpoint import DetectionCheckpointer
         DetectionCheckpointer(torch.nn.Linear(2, 3)).load({path!r})
         """
-    bad = _run_without("torch_load_numpy", code)
+    # safe_weight_loading also reads NumPy arrays (and only them): both off shows the breakage
+    bad = _run_without("torch_load_numpy,safe_weight_loading", code)
     assert bad.returncode != 0 and "weights_only" in bad.stderr.replace(
         "Weights only", "weights_only"
     )
@@ -140,7 +143,7 @@ def test_torch_load_numpy_checkpoint(tmp_path):
     assert torch.equal(model.weight.detach(), torch.from_numpy(weight))
     # other objects are still refused (argparse.Namespace, as old MoCo checkpoints carry)
     torch.save({"model": {}, "args": argparse.Namespace(lr=0.03)}, path)
-    with pytest.raises(Exception, match="(?i)weights.only"):
+    with pytest.raises(Exception, match="refused to load.*argparse.Namespace"):
         DetectionCheckpointer(torch.nn.Linear(2, 3)).load(path)
 
 
@@ -187,3 +190,47 @@ def test_jit_script_warning_silenced_only_for_the_imports_that_script(tmp_path):
     assert with_fix.returncode == 0, with_fix.stderr
     assert with_fix.stderr.count("`torch.jit.script` is") == 1  # the user's call only
     assert without.stderr.count("`torch.jit.script` is") >= 3  # fvcore's 2 and detectron2's 2
+
+
+class _Marker:
+    """Unpickling this creates ``path``: what a hostile weight file would run."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_safe_weight_loading(tmp_path):
+    # applied always: no detectron2 version reads .pkl weights without running code from them
+    assert "safe_weight_loading" in compat.APPLIED
+    pkl, pth = str(tmp_path / "w.pkl"), str(tmp_path / "w.pth")
+    with open(pkl, "wb") as f:
+        pickle.dump({"model": {}, "__author__": "x", "p": _Marker(str(tmp_path / "pkl_ran"))}, f)
+    torch.save({"model": {}, "p": _Marker(str(tmp_path / "pth_ran"))}, pth)
+    code = f"""
+        import torch
+        from detectron2.checkpoint import DetectionCheckpointer
+        for path in ({pkl!r}, {pth!r}):
+            try:
+                DetectionCheckpointer(torch.nn.Linear(2, 3)).load(path)
+            except Exception as e:
+                print(type(e).__name__, e)
+        """
+    # torch>=2.6 defaults to weights_only=True, unless this variable (or an older torch) says no
+    env = {"TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD": "1"}
+    with mock.patch.dict(os.environ, env):
+        bad = _run_without("safe_weight_loading", code)
+    assert (tmp_path / "pkl_ran").exists() and (tmp_path / "pth_ran").exists(), bad.stderr
+    os.remove(tmp_path / "pkl_ran"), os.remove(tmp_path / "pth_ran")
+    with mock.patch.dict(os.environ, env):
+        good = _run_without("", code)
+    assert good.stdout.count("UnsafeCheckpointError") == 2, good.stdout + good.stderr
+    assert not (tmp_path / "pkl_ran").exists() and not (tmp_path / "pth_ran").exists()
+    # pickle and torch themselves are untouched; only detectron2's/fvcore's readers are routed
+    from detectron2.checkpoint import detection_checkpoint
+
+    assert pickle.load is not detection_checkpoint.pickle.load and torch.load.__module__ == (
+        "torch.serialization"
+    )

@@ -12,11 +12,11 @@ Multi-machine: add --num-machines N --machine-rank R --dist-url tcp://HOST:PORT,
 """
 
 import resim_d2  # noqa: F401  (first: adapts detectron2 to the installed libraries, registers ours)
+from resim_d2.checkpoint import build_checkpointer
 from resim_d2.config import add_resim_config
 from resim_d2.engine import Trainer, is_pretraining, resolve_pretrain_schedule
 from resim_d2.utils.projects import add_project_configs
 
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import get_cfg
 from detectron2.engine import default_argument_parser, default_setup, launch
 from detectron2.evaluation import verify_results
@@ -40,9 +40,7 @@ def main(args):
     cfg = setup(args)
     if args.eval_only:
         model = Trainer.build_model(cfg)
-        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
-            cfg.MODEL.WEIGHTS, resume=args.resume
-        )
+        build_checkpointer(cfg, model).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
         res = Trainer.test(cfg, model)
         if res and cfg.TEST.EXPECTED_RESULTS:
             verify_results(cfg, res)

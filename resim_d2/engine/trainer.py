@@ -9,7 +9,7 @@ from detectron2.data.build import get_detection_dataset_dicts
 from detectron2.engine import DefaultTrainer
 from detectron2.utils import comm
 
-from ..checkpoint import TransferCheckpointer
+from ..checkpoint import build_checkpointer
 from ..evaluation import build_evaluator
 from ..evaluation.region_correspondence import RegionCorrespondenceEvaluator, held_out_pairs
 from .hooks import ReSimMetricsHook
@@ -61,17 +61,12 @@ class Trainer(DefaultTrainer):
     def __init__(self, cfg):
         self._data_seed = self._initial_data_seed(cfg)
         super().__init__(cfg)
-        if not is_pretraining(cfg):
-            # converted ReSim-FPN files carry FPN weights; RESIM.FINETUNE.TRANSFER_FPN decides
-            # whether they are loaded (ReSim-FPN^T) or ignored (ReSim-FPN)
-            self.checkpointer = TransferCheckpointer(
-                self._trainer.model,
-                cfg.OUTPUT_DIR,
-                transfer_fpn=cfg.RESIM.FINETUNE.TRANSFER_FPN,
-                trainer=weakref.proxy(self),
-            )
 
     def build_hooks(self):
+        # atomic saves, --resume past unreadable files, RESIM.FINETUNE.TRANSFER_FPN for detectors
+        self.checkpointer = build_checkpointer(
+            self.cfg, self._trainer.model, trainer=weakref.proxy(self)
+        )
         hooks = super().build_hooks()
         if is_pretraining(self.cfg):
             # before the writers (last in the list), so each step's metrics reach them
