@@ -13,6 +13,7 @@ from ..checkpoint import build_checkpointer
 from ..evaluation import build_evaluator
 from ..evaluation.region_correspondence import RegionCorrespondenceEvaluator, held_out_pairs
 from .hooks import ReSimMetricsHook
+from .reliability import reliability_hooks
 
 __all__ = ["Trainer", "is_pretraining", "resolve_pretrain_schedule"]
 
@@ -55,7 +56,8 @@ class Trainer(DefaultTrainer):
       ReSim, the region-correspondence score on held-out two-view pairs.
     * Pre-training data is a resumable stream (:mod:`resim_d2.data.stream`): ``--resume`` continues
       with exactly the batches the uninterrupted run would have seen.
-    * A NaN/Inf loss stops the run before the optimizer step, naming the last good checkpoint.
+    * A non-finite loss, gradient or statistic stops the run before the optimizer step, naming a
+      checkpoint to continue from (:mod:`resim_d2.engine.nan_guard`).
     """
 
     def __init__(self, cfg):
@@ -68,6 +70,7 @@ class Trainer(DefaultTrainer):
             self.cfg, self._trainer.model, trainer=weakref.proxy(self)
         )
         hooks = super().build_hooks()
+        hooks[:0] = reliability_hooks(self.cfg)  # NaN guard, resume schedule, skipped files
         if is_pretraining(self.cfg):
             # before the writers (last in the list), so each step's metrics reach them
             hooks.insert(len(hooks) - 1, ReSimMetricsHook())
@@ -156,23 +159,3 @@ class Trainer(DefaultTrainer):
             loader = self.build_train_loader(self.cfg, self.start_iter, seed=self._data_seed)
             self._trainer.data_loader = loader
             self._trainer._data_loader_iter = iter(loader)
-
-    # ----------------------------------------------------------------------------- run
-    def train(self):
-        try:
-            return super().train()
-        except FloatingPointError as e:
-            ckpt = self.checkpointer
-            last = ckpt.get_checkpoint_file() if ckpt.has_checkpoint() else None
-            msg = (
-                f"Training stopped: {str(e).splitlines()[0]} The weights were not updated with it. "
-                + (
-                    f"Last good checkpoint: {last} (continue with --resume, e.g. after lowering "
-                    "SOLVER.BASE_LR or enabling SOLVER.CLIP_GRADIENTS)."
-                    if last
-                    else "No checkpoint had been saved yet (SOLVER.CHECKPOINT_PERIOD)."
-                )
-            )
-            if comm.is_main_process():
-                logger.error(msg)
-            raise FloatingPointError(msg) from e
