@@ -89,7 +89,9 @@ class Trainer(DefaultTrainer):
 
             return build_classification_train_loader(cfg)
         if not is_pretraining(cfg):
-            return super().build_train_loader(cfg)
+            from ..data.build import build_finetune_train_loader  # images checked first
+
+            return build_finetune_train_loader(cfg)
         backend = cfg.RESIM.VIEWS.BACKEND
         if backend == "gpu":  # workers read files; views are made batched on the model's device
             from ..data.gpu_loader import build_gpu_pretrain_loader
