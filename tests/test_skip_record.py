@@ -73,8 +73,8 @@ def test_stream_counts_each_skip_once_with_its_file_and_reason(tmp_path, caplog)
     reported = [name for s in samples for name, _ in s["skipped"]]
     assert sorted(reported) == sorted(spy.rejected)
     assert {os.path.basename(n) for n in reported} <= set(BAD)
-    for name, why in (r for s in samples for r in s["skipped"]):
-        assert name in why and len(why) > len(name) + 5  # the reason says what is wrong with it
+    for _, why in (r for s in samples for r in s["skipped"]):
+        assert "not a readable image" in why or "cannot decode" in why  # what is wrong with it
 
 
 def test_gpu_path_reader_reports_each_unreadable_file_once(tmp_path):

@@ -113,9 +113,10 @@ class RawViewReader:
         self.log_skips = True
 
     def _skip(self, file_name: str, reason: str) -> None:
-        self._pending.append((str(file_name), reason))
-        level = logging.WARNING if self.log_skips else logging.DEBUG
-        logger.log(level, f"RawViewReader: skipping {file_name} ({reason})")
+        prefix = f"{file_name}: "  # ImageLoadError messages start with the file's name
+        self._pending.append((str(file_name), reason.removeprefix(prefix)))
+        if self.log_skips:
+            logger.warning(f"RawViewReader: skipping {file_name} ({reason})")
 
     def __repr__(self):
         return (

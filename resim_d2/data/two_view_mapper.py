@@ -46,6 +46,11 @@ def stable_seed(file_name: str, index: int = 0) -> int:
     return zlib.crc32(key.encode("utf-8"))
 
 
+def _without_name(reason: str, file_name: str) -> str:
+    """``"<file>: cannot decode"`` -> ``"cannot decode"`` (the record names the file already)."""
+    return reason.removeprefix(f"{file_name}: ")
+
+
 def _to_uint8_chw(image: Image.Image) -> torch.Tensor:
     """RGB PIL image (H, W) -> torch.uint8 tensor (3, H, W)."""
     return torch.from_numpy(np.ascontiguousarray(np.asarray(image).transpose(2, 0, 1)))
@@ -214,11 +219,11 @@ class TwoViewMapper(ViewParamSampler):
         self.skip_reasons[kind] += 1
         self._consecutive_skips += 1
         self._pending_skips += 1
-        self._pending_records.append((str(file_name), reason))
-        logger.log(
-            logging.WARNING if self.log_skips else logging.DEBUG,
-            f"TwoViewMapper: skipping {file_name} ({reason}); {self.num_skipped} skipped so far",
-        )
+        self._pending_records.append((str(file_name), _without_name(reason, file_name)))
+        if self.log_skips:
+            logger.warning(
+                f"TwoViewMapper: skipping {file_name} ({reason}); {self.num_skipped} skipped so far"
+            )
         if self._consecutive_skips >= self.max_consecutive_skips:
             raise RuntimeError(
                 f"TwoViewMapper: {self._consecutive_skips} consecutive records could not be used; "

@@ -6,6 +6,7 @@ from detectron2.utils.logger import setup_logger
 
 from .nan_guard import NonFiniteGuard
 from .resume_schedule import ResumeScheduleHook
+from .rng_state import RNGStateHook
 from .skip_log import SkippedFilesHook
 
 __all__ = ["reliability_hooks", "setup_run_logging"]
@@ -22,5 +23,6 @@ def setup_run_logging(cfg):
 
 def reliability_hooks(cfg) -> list:
     """Hooks for every process of a run, ahead of detectron2's: the schedule of a resumed run from
-    the config, the non-finite guard (before the optimizer step), the skipped-files record."""
-    return [ResumeScheduleHook(), NonFiniteGuard(), SkippedFilesHook()]
+    the config, the non-finite guard (before the optimizer step), the skipped-files record, and
+    torch's random state in checkpoints (an exact --resume with several processes)."""
+    return [ResumeScheduleHook(), NonFiniteGuard(), SkippedFilesHook(), RNGStateHook()]

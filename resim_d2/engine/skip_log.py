@@ -25,7 +25,8 @@ class SkippedFilesHook(HookBase):
 
     Works with loaders that are a :class:`~resim_d2.data.skip_report.SkipCollector` (the
     pre-training loaders); does nothing for others. With several processes the files are pooled
-    every :data:`GATHER_PERIOD` iterations and at the last one (one small object all-gather).
+    every :data:`GATHER_PERIOD` iterations, before each checkpoint and at the last iteration (one
+    small object all-gather).
     """
 
     def __init__(self):
@@ -43,7 +44,11 @@ class SkippedFilesHook(HookBase):
             return
         it = self.trainer.iter
         multi = comm.get_world_size() > 1
-        if multi and (it + 1) % GATHER_PERIOD and it < self.trainer.max_iter - 1:
+        # pool at the writers' period, before each checkpoint (its total must include everything
+        # before it, for --resume) and at the last iteration
+        period = self.trainer.cfg.SOLVER.CHECKPOINT_PERIOD
+        due = (it + 1) % GATHER_PERIOD == 0 or (it + 1) % period == 0
+        if multi and not due and it < self.trainer.max_iter - 1:
             return
         count, records = self._loader.take()
         pooled = comm.all_gather((count, records)) if multi else [(count, records)]
