@@ -13,8 +13,18 @@ import shutil
 
 import pytest
 import torch
-from test_skip_record import BAD, Spy, image_folder, tiny_cfg
-from train_net_runs import DEMO_CONFIG, GROUP_NORM, TINY, free_port, metrics, train_net
+from train_net_runs import (
+    BAD,
+    DEMO_CONFIG,
+    GROUP_NORM,
+    TINY,
+    Spy,
+    free_port,
+    image_folder,
+    metrics,
+    tiny_cfg,
+    train_net,
+)
 
 from resim_d2.data.stream import StreamDataset
 from resim_d2.data.two_view_mapper import TwoViewMapper

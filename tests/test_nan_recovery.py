@@ -9,12 +9,10 @@ import re
 
 import pytest
 import torch
-from train_net_runs import TINY, metrics, train_net
+from train_net_runs import TINY, metrics, tiny_cfg, train_net
 
-from resim_d2 import add_resim_config, get_config_file
 from resim_d2.engine import Trainer
 
-from detectron2.config import get_cfg
 from detectron2.engine import HookBase
 
 
@@ -58,13 +56,6 @@ def test_absurd_learning_rate_stops_naming_a_checkpoint_that_resumes(tmp_path):
 
 
 # ----------------------------------------------------------------------------------- in-process
-def tiny_cfg(out_dir, *extra):
-    cfg = add_resim_config(get_cfg())
-    cfg.merge_from_file(get_config_file("pretrain/demo_resim_c4_cpu.yaml"))
-    cfg.merge_from_list([*TINY, "OUTPUT_DIR", str(out_dir), *extra])
-    return cfg
-
-
 class _InfStatisticAt(HookBase):
     """Puts inf in one batch-norm running variance before step ``it``: the training loss stays
     finite (training uses batch statistics), so a loss-only check would save it."""
@@ -88,7 +79,9 @@ def _train(cfg, hooks=(), resume=False):
 
 
 def test_non_finite_statistic_with_finite_loss_stops_before_anything_is_saved(tmp_path, one_thread):
-    cfg = tiny_cfg(tmp_path, "SOLVER.MAX_ITER", "6", "SOLVER.CHECKPOINT_PERIOD", "1")
+    cfg = tiny_cfg(
+        "OUTPUT_DIR", str(tmp_path), "SOLVER.MAX_ITER", "6", "SOLVER.CHECKPOINT_PERIOD", "1"
+    )
     with pytest.raises(FloatingPointError) as e:
         _train(cfg, [_InfStatisticAt(3)])
     text = str(e.value)
@@ -109,10 +102,10 @@ def test_resume_applies_changed_schedule_keys(tmp_path, caplog, one_thread):
 
     base = ["SOLVER.MAX_ITER", "4", "SOLVER.CHECKPOINT_PERIOD", "2", "SOLVER.BASE_LR", "0.05"]
     with pytest.raises(KeyboardInterrupt):
-        _train(tiny_cfg(tmp_path, *base), [_Stop()])
+        _train(tiny_cfg("OUTPUT_DIR", str(tmp_path), *base), [_Stop()])
     changed = base[:-1] + ["0.002", "SOLVER.MOMENTUM", "0.5", "SOLVER.WEIGHT_DECAY", "0.001"]
     with caplog.at_level(logging.WARNING, logger="resim_d2"):
-        trainer = Trainer(tiny_cfg(tmp_path, *changed))
+        trainer = Trainer(tiny_cfg("OUTPUT_DIR", str(tmp_path), *changed))
         trainer.resume_or_load(resume=True)
         trainer.before_train()
     assert trainer.start_iter == 2

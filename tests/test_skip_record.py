@@ -6,8 +6,7 @@ import os
 
 import numpy as np
 import pytest
-from PIL import Image
-from train_net_runs import TINY
+from train_net_runs import BAD, Spy, image_folder, tiny_cfg
 
 from resim_d2 import add_resim_config, get_config_file
 from resim_d2.data.build import build_finetune_train_loader
@@ -19,44 +18,6 @@ from resim_d2.engine import Trainer
 
 from detectron2.config import get_cfg
 from detectron2.data import DatasetCatalog
-
-BAD = {"empty.jpg": b"", "notes.jpg": b"not an image\n", "cut.png": None}
-
-
-def image_folder(root, good=5):
-    """``good`` readable images and the three unreadable files of BAD, in one folder."""
-    os.makedirs(root, exist_ok=True)
-    rng = np.random.default_rng(0)
-    for i in range(good):
-        arr = rng.integers(0, 255, (60 + 10 * i, 80, 3), dtype=np.uint8)
-        Image.fromarray(arr).save(os.path.join(root, f"good{i}.png"))
-    for name, data in BAD.items():
-        if data is None:  # a PNG cut short
-            data = open(os.path.join(root, "good0.png"), "rb").read()[:200]
-        with open(os.path.join(root, name), "wb") as f:
-            f.write(data)
-    files = sorted(os.listdir(root))
-    return [{"file_name": os.path.join(root, f), "image_id": i} for i, f in enumerate(files)]
-
-
-class Spy:
-    """Wraps a mapper; remembers each file it rejected (the reference count)."""
-
-    def __init__(self, mapper):
-        self.mapper, self.rejected = mapper, []
-
-    def __call__(self, record, rng):
-        out = self.mapper(record, rng)
-        if out is None:
-            self.rejected.append(record["file_name"])
-        return out
-
-
-def tiny_cfg(*opts):
-    cfg = add_resim_config(get_cfg())
-    cfg.merge_from_file(get_config_file("pretrain/demo_resim_c4_cpu.yaml"))
-    cfg.merge_from_list([*TINY, *opts])
-    return cfg
 
 
 def test_stream_counts_each_skip_once_with_its_file_and_reason(tmp_path, caplog):
