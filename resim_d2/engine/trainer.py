@@ -70,7 +70,7 @@ class Trainer(DefaultTrainer):
             self.cfg, self._trainer.model, trainer=weakref.proxy(self)
         )
         hooks = super().build_hooks()
-        hooks[:0] = reliability_hooks(self.cfg)  # NaN guard, resume schedule, skipped files
+        hooks[:0] = reliability_hooks(self.cfg)  # NaN guard, resume schedule, skips, RNG state
         if is_pretraining(self.cfg):
             # before the writers (last in the list), so each step's metrics reach them
             hooks.insert(len(hooks) - 1, ReSimMetricsHook())
