@@ -12,6 +12,7 @@ Call :func:`apply` before importing detectron2 submodules; ``import resim_d2`` d
 """
 
 import contextlib
+import functools
 import importlib.abc
 import importlib.machinery
 import importlib.resources
@@ -152,9 +153,26 @@ def _patch_module(name, around=None, after=None):
         after(mod)
         # a module already imported has executed; 'around' fixes cannot reach it
         return
+    if name in _finder.patches:  # a second adaptation of the same module: apply both, in order
+        around, after = _chained(_finder.patches[name], (around, after))
     _finder.patches[name] = (around, after)
     if _finder not in sys.meta_path:
         sys.meta_path.insert(0, _finder)
+
+
+def _chained(first, second):
+    """One (around, after) pair that applies ``first`` and then ``second``."""
+
+    @contextlib.contextmanager
+    def around(module):
+        with first[0](module), second[0](module):
+            yield
+
+    def after(module):
+        first[1](module)
+        second[1](module)
+
+    return around, after
 
 
 @contextlib.contextmanager
@@ -323,6 +341,145 @@ def _jit_script_warning():
     )
 
 
+def _module_view(real: types.ModuleType, **overrides) -> types.ModuleType:
+    """A stand-in for ``real`` that answers ``overrides`` and forwards every other attribute."""
+    view = types.ModuleType(real.__name__)
+
+    def __getattr__(name):
+        return getattr(real, name)
+
+    view.__getattr__ = __getattr__
+    view.__dict__.update({"__file__": getattr(real, "__file__", None), **overrides})
+    return view
+
+
+def _safe_pickle_load(f, *args, **kwargs):
+    from resim_d2.checkpoint.safe_load import load_pickle_weights
+
+    return load_pickle_weights(f, encoding=kwargs.get("encoding", "latin1"))
+
+
+def _safe_torch_load(f, map_location=None, *args, **kwargs):
+    from resim_d2.checkpoint.safe_load import load_torch_weights
+
+    return load_torch_weights(f, map_location=map_location)
+
+
+def _load_weights_safely(module):
+    # the module's own `pickle.load` / `torch.load` become loaders that refuse anything but plain
+    # weights (resim_d2/checkpoint/safe_load.py); pickle and torch themselves are untouched
+    overrides = {}
+    if hasattr(module, "pickle"):
+        overrides["pickle"] = _module_view(module.pickle, load=_safe_pickle_load)
+    if hasattr(module, "torch"):
+        overrides["torch"] = _module_view(module.torch, load=_safe_torch_load)
+    for name, view in overrides.items():
+        setattr(module, name, view)
+
+
+# modules that read weight files: DetectionCheckpointer's .pkl (pickle.load) and .pyth
+# (torch.load) branches, and fvcore's Checkpointer, which reads every other file (torch.load)
+_WEIGHT_READERS = ("detectron2.checkpoint.detection_checkpoint", "fvcore.common.checkpoint")
+
+
+def _safe_weight_loading():
+    # Not a version fix: detectron2 (every version) unpickles .pkl weights with plain pickle.load,
+    # and torch.load's default depends on the torch version and TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD.
+    # Applied always, for a detectron2 built from source as well.
+    for name in _WEIGHT_READERS:
+        _patch_module(name, after=_load_weights_safely)
+    APPLIED["safe_weight_loading"] = (
+        "detectron2 unpickles .pkl weights with pickle.load (runs code); reads weights only"
+    )
+
+
+def _gloo_distributed_worker(
+    local_rank, main_func, world_size, gpus_per_machine, machine_rank, dist_url, args, timeout=None
+):
+    """detectron2's per-process start-up for a machine without CUDA: a gloo process group instead
+    of NCCL, no device to select; the same ranks and per-machine groups as detectron2's."""
+    import datetime
+
+    import torch.distributed as dist
+
+    from detectron2.utils import comm
+
+    rank = machine_rank * gpus_per_machine + local_rank
+    dist.init_process_group(
+        "gloo",
+        init_method=dist_url,
+        world_size=world_size,
+        rank=rank,
+        timeout=timeout or datetime.timedelta(minutes=30),
+    )
+    for machine in range(world_size // gpus_per_machine):
+        ranks = list(range(machine * gpus_per_machine, (machine + 1) * gpus_per_machine))
+        group = dist.new_group(ranks)  # every process creates every group, in the same order
+        if machine == machine_rank:
+            comm._LOCAL_PROCESS_GROUP = group
+    comm.synchronize()
+    main_func(*args)
+
+
+def _launch_with_gloo(module):
+    # detectron2's launch spawns `_distributed_worker`, which asserts CUDA and picks NCCL
+    module._distributed_worker = _gloo_distributed_worker
+
+
+def _ddp_on_cpu(module):
+    # create_ddp_model passes device_ids=[local rank], which DistributedDataParallel refuses for a
+    # module on the CPU
+    original = module.create_ddp_model
+
+    @functools.wraps(original)
+    def create_ddp_model(model, **kwargs):
+        if all(p.device.type == "cpu" for p in model.parameters()):
+            kwargs.setdefault("device_ids", None)
+        return original(model, **kwargs)
+
+    module.create_ddp_model = create_ddp_model
+
+
+def _cpu_launch():
+    import torch
+
+    if torch.cuda.is_available():  # detectron2's own NCCL launch applies
+        return
+    _patch_module("detectron2.engine.launch", after=_launch_with_gloo)
+    _patch_module("detectron2.engine.defaults", after=_ddp_on_cpu)
+    APPLIED["cpu_launch"] = "no CUDA: detectron2's launch asserts CUDA and uses NCCL; use gloo"
+
+
+def _ddp_buffers_synced_at_init(module):
+    # DefaultTrainer asks for broadcast_buffers=False (no buffer broadcast at every forward). In a
+    # torch whose DDP has forward_sync_buffers, that also skips the broadcast at construction, so
+    # buffers initialised at random (the MoCo queue) differ between processes;
+    # forward_sync_buffers=False keeps the meaning detectron2 was written for.
+    original = module.create_ddp_model
+
+    @functools.wraps(original)
+    def create_ddp_model(model, **kwargs):
+        if kwargs.get("broadcast_buffers", True) is False and "forward_sync_buffers" not in kwargs:
+            del kwargs["broadcast_buffers"]
+            kwargs["forward_sync_buffers"] = False
+        return original(model, **kwargs)
+
+    module.create_ddp_model = create_ddp_model
+
+
+def _ddp_init_buffers():
+    import inspect
+
+    from torch.nn.parallel import DistributedDataParallel
+
+    if "forward_sync_buffers" not in inspect.signature(DistributedDataParallel).parameters:
+        return
+    _patch_module("detectron2.engine.defaults", after=_ddp_buffers_synced_at_init)
+    APPLIED["ddp_init_buffers"] = (
+        "torch DDP: broadcast_buffers=False no longer syncs buffers at init (MoCo queue differs)"
+    )
+
+
 _ADAPTATIONS = {
     "pillow_linear": _pillow_linear,
     "numpy_aliases": _numpy_aliases,
@@ -331,6 +488,9 @@ _ADAPTATIONS = {
     "torch_load_numpy": _torch_load_weights_only,
     "set_sampling": _python_set_sampling,
     "jit_script_warning": _jit_script_warning,
+    "safe_weight_loading": _safe_weight_loading,
+    "cpu_launch": _cpu_launch,
+    "ddp_init_buffers": _ddp_init_buffers,
 }
 _done = False
 

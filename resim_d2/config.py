@@ -143,6 +143,12 @@ def add_resim_config(cfg):
     # pair of the same image are not correspondence candidates.
     _C.RESIM.EVAL.PAIRS_PER_IMAGE = 4
 
+    # ---------------------------------------------------------------- data checks
+    _C.RESIM.DATA = CN()
+    # Fine-tuning records whose image file is missing (each is logged when the loader is built):
+    # "error" stops before training, "skip" trains without them.
+    _C.RESIM.DATA.MISSING_IMAGES = "error"
+
     # ---------------------------------------------------------------- fine-tuning (transfer)
     _C.RESIM.FINETUNE = CN()
     # Norm of the Res5ROIHeadsExtraNorm head: "" (= RESNETS.NORM), a norm name, or "FrozenStatsBN".

@@ -7,9 +7,12 @@ library does not need the adaptation.
 
 import argparse
 import os
+import pickle
+import socket
 import subprocess
 import sys
 import textwrap
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -129,7 +132,8 @@ def test_torch_load_numpy_checkpoint(tmp_path):
         from detectron2.checkpoint import DetectionCheckpointer
         DetectionCheckpointer(torch.nn.Linear(2, 3)).load({path!r})
         """
-    bad = _run_without("torch_load_numpy", code)
+    # safe_weight_loading also reads NumPy arrays (and only them): both off shows the breakage
+    bad = _run_without("torch_load_numpy,safe_weight_loading", code)
     assert bad.returncode != 0 and "weights_only" in bad.stderr.replace(
         "Weights only", "weights_only"
     )
@@ -140,7 +144,7 @@ def test_torch_load_numpy_checkpoint(tmp_path):
     assert torch.equal(model.weight.detach(), torch.from_numpy(weight))
     # other objects are still refused (argparse.Namespace, as old MoCo checkpoints carry)
     torch.save({"model": {}, "args": argparse.Namespace(lr=0.03)}, path)
-    with pytest.raises(Exception, match="(?i)weights.only"):
+    with pytest.raises(Exception, match="refused to load.*argparse.Namespace"):
         DetectionCheckpointer(torch.nn.Linear(2, 3)).load(path)
 
 
@@ -187,3 +191,114 @@ def test_jit_script_warning_silenced_only_for_the_imports_that_script(tmp_path):
     assert with_fix.returncode == 0, with_fix.stderr
     assert with_fix.stderr.count("`torch.jit.script` is") == 1  # the user's call only
     assert without.stderr.count("`torch.jit.script` is") >= 3  # fvcore's 2 and detectron2's 2
+
+
+class _Marker:
+    """Unpickling this creates ``path``: what a hostile weight file would run."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_safe_weight_loading(tmp_path):
+    # applied always: no detectron2 version reads .pkl weights without running code from them
+    assert "safe_weight_loading" in compat.APPLIED
+    pkl, pth = str(tmp_path / "w.pkl"), str(tmp_path / "w.pth")
+    with open(pkl, "wb") as f:
+        pickle.dump({"model": {}, "__author__": "x", "p": _Marker(str(tmp_path / "pkl_ran"))}, f)
+    torch.save({"model": {}, "p": _Marker(str(tmp_path / "pth_ran"))}, pth)
+    code = f"""
+        import torch
+        from detectron2.checkpoint import DetectionCheckpointer
+        for path in ({pkl!r}, {pth!r}):
+            try:
+                DetectionCheckpointer(torch.nn.Linear(2, 3)).load(path)
+            except Exception as e:
+                print(type(e).__name__, e)
+        """
+    # torch>=2.6 defaults to weights_only=True, unless this variable (or an older torch) says no
+    env = {"TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD": "1"}
+    with mock.patch.dict(os.environ, env):
+        bad = _run_without("safe_weight_loading", code)
+    assert (tmp_path / "pkl_ran").exists() and (tmp_path / "pth_ran").exists(), bad.stderr
+    os.remove(tmp_path / "pkl_ran"), os.remove(tmp_path / "pth_ran")
+    with mock.patch.dict(os.environ, env):
+        good = _run_without("", code)
+    assert good.stdout.count("UnsafeCheckpointError") == 2, good.stdout + good.stderr
+    assert not (tmp_path / "pkl_ran").exists() and not (tmp_path / "pth_ran").exists()
+    # pickle and torch themselves are untouched; only detectron2's/fvcore's readers are routed
+    from detectron2.checkpoint import detection_checkpoint
+
+    assert pickle.load is not detection_checkpoint.pickle.load and torch.load.__module__ == (
+        "torch.serialization"
+    )
+
+
+def test_cpu_launch():
+    _needs("cpu_launch")
+    # detectron2's own worker, as spawned by launch(): it asserts CUDA before anything else
+    code = """
+        import importlib
+        launch = importlib.import_module("detectron2.engine.launch")
+        launch._distributed_worker(0, print, 2, 2, 0, "tcp://127.0.0.1:1", ())
+        """
+    bad = _run_without("cpu_launch", code)
+    assert bad.returncode != 0 and "cuda is not available" in bad.stderr
+    import importlib
+
+    defaults = importlib.import_module("detectron2.engine.defaults")
+    launch = importlib.import_module("detectron2.engine.launch")
+    assert launch._distributed_worker is compat._gloo_distributed_worker
+    # DDP of a CPU module: no device_ids (detectron2 passes [local rank], which DDP refuses);
+    # tools/train_net.py --num-gpus 2 / --num-machines 2 run in tests/test_multiprocess_launch.py
+    seen = {}
+    with mock.patch.object(defaults, "DistributedDataParallel", lambda m, **kw: seen.update(kw)):
+        with mock.patch.object(defaults.comm, "get_world_size", return_value=2):
+            defaults.create_ddp_model(torch.nn.Linear(2, 2), broadcast_buffers=False)
+    assert seen.get("device_ids", "unset") is None
+
+
+_BUFFERS_CODE = """
+import os, sys, torch, torch.distributed as dist
+import resim_d2
+from detectron2.engine import defaults
+rank = int(sys.argv[1])
+dist.init_process_group("gloo", init_method=sys.argv[2], rank=rank, world_size=2)
+out = []
+for create in (defaults.create_ddp_model.__wrapped__, defaults.create_ddp_model):
+    torch.manual_seed(rank)  # as detectron2's default_setup: seed + rank
+    module = torch.nn.Linear(2, 2)
+    module.register_buffer("queue", torch.randn(8))  # initialised at random, as MoCo's queue
+    ddp = create(module, broadcast_buffers=False)
+    gathered = [torch.zeros(8) for _ in range(2)]
+    dist.all_gather(gathered, ddp.module.queue)
+    out.append(bool(torch.equal(gathered[0], gathered[1])))
+print("SAME", out)
+"""
+
+
+def test_ddp_init_buffers(tmp_path):
+    _needs("ddp_init_buffers")
+    # two processes; each builds its module from its own seed and wraps it twice: with
+    # detectron2's create_ddp_model as it is (__wrapped__) and as adapted
+    script = tmp_path / "buffers.py"
+    script.write_text(_BUFFERS_CODE)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        url = f"tcp://127.0.0.1:{s.getsockname()[1]}"
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(script), str(rank), url],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for rank in (0, 1)
+    ]
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    # without: each process keeps its own random queue; with: process 0's everywhere
+    assert all("SAME [False, True]" in o for o in outs), outs

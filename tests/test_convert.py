@@ -459,3 +459,21 @@ def test_cli_reports_moved_dropped_and_random_init(tmp_path, capsys, load_tool):
     assert "proposal_generator.rpn_head" in text
     data = torch.load(out, weights_only=True)
     assert data["__author__"] == "resim_d2" and data["resim_d2_conversion"]["target"] == "c4"
+
+
+@pytest.mark.parametrize("content", [b"a text file, not a checkpoint\n", b""])
+def test_cli_on_a_file_that_is_no_checkpoint_names_it(tmp_path, monkeypatch, capsys, content):
+    """The command's own __main__ block: a one-line error naming the file, and none of torch's
+    advice to load it with weights_only=False."""
+    import runpy
+
+    src = tmp_path / "notes.pth"
+    src.write_bytes(content)
+    tool = os.path.join(REPO, "tools", "convert.py")
+    monkeypatch.setattr("sys.argv", [tool, str(src), str(tmp_path / "out.pth")])
+    with pytest.raises(SystemExit) as e:
+        runpy.run_path(tool, run_name="__main__")
+    message = str(e.value.code)
+    assert message.startswith(f"error: {src}: not a readable torch checkpoint"), message
+    assert "weights_only" not in message and "Unsupported operand" not in message
+    assert "\n" not in message and not (tmp_path / "out.pth").exists()

@@ -125,7 +125,7 @@ class _PoisonAt(HookBase):
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     cfg = tiny_cfg(tmp_path, max_iter=6, period=2)
     last_good = str(tmp_path / "model_0000001.pth")
-    with pytest.raises(FloatingPointError, match="Last good checkpoint: " + last_good):
+    with pytest.raises(FloatingPointError, match="Checkpoint to continue from: " + last_good):
         _train(cfg, extra_hooks=[_PoisonAt(3)])
     state = torch.load(last_good, map_location="cpu", weights_only=True)["model"]
     assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())

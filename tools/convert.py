@@ -24,7 +24,6 @@ initialise itself.
 
 import argparse
 import os
-import pickle
 import sys
 
 import resim_d2  # noqa: F401  (first: adapts detectron2 to the installed libraries, registers ours)
@@ -50,7 +49,11 @@ DEFAULT_CONFIGS = {
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("input", help="pre-trained checkpoint (.pth/.pth.tar, loaded weights_only)")
+    p.add_argument(
+        "input",
+        help="pre-trained checkpoint: .pth/.pth.tar (torch, weights_only) or .pkl (detectron2); "
+        "files holding anything but weights are refused",
+    )
     p.add_argument("output", help="detectron2 weights to write: .pth (recommended) or .pkl")
     p.add_argument(
         "--target",
@@ -132,7 +135,7 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         main()
-    except (ValueError, FileNotFoundError) as e:  # unknown layout, shape mismatch, missing file
+    except (ValueError, FileNotFoundError) as e:
+        # unknown layout, shape mismatch, missing file; a file that is no checkpoint or holds
+        # more than weights (resim_d2.checkpoint.safe_load names the file and what it found)
         sys.exit(f"error: {e}")
-    except pickle.UnpicklingError as e:  # not a torch checkpoint, or objects beyond tensors
-        sys.exit(f"error: cannot load the input with torch.load(weights_only=True): {e}")

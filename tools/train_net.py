@@ -17,7 +17,9 @@ Multi-machine: add --num-machines N --machine-rank R --dist-url tcp://HOST:PORT,
 
 import resim_d2  # noqa: F401  (first: adapts detectron2 to the installed libraries, registers ours)
 from resim_d2.config import add_resim_config
+from resim_d2.config_checks import check_config
 from resim_d2.engine import Trainer, build_run_kind
+from resim_d2.engine.reliability import setup_run_logging
 from resim_d2.utils.projects import add_project_configs
 
 from detectron2.config import get_cfg
@@ -43,6 +45,9 @@ def setup(args):
     build_run_kind(cfg).prepare_config()
     cfg.freeze()
     default_setup(cfg, args)
+    setup_run_logging(cfg)  # resim_d2's log lines into OUTPUT_DIR/log.txt too
+    if not args.eval_only:
+        check_config(cfg)  # settings that would leave a branch idle: error or warning
     build_run_kind(cfg).setup()
     return cfg
 

@@ -50,7 +50,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from detectron2.checkpoint import DetectionCheckpointer
+from .checkpointer import AtomicWriter, ResumableCheckpointer
+from .safe_load import load_weights_file
 
 __all__ = [
     "LAYOUTS",
@@ -128,21 +129,15 @@ _DROP_REASONS = [
 
 # ------------------------------------------------------------------------------------------ loading
 def load_checkpoint(path: str):
-    """``torch.load`` with ``weights_only=True`` (tensors, containers, numbers, strings only).
+    """Read a checkpoint without running code from it (:func:`~.safe_load.load_weights_file`).
 
-    Files whose weights are NumPy arrays (MoCo-style detectron2 conversions) are read with NumPy
-    arrays, and nothing more, allowed.
+    ``.pkl`` files (MoCo-style detectron2 conversions, model-zoo files) are unpickled with NumPy
+    arrays, dicts, lists, tuples, strings and numbers allowed; other files with
+    ``torch.load(weights_only=True)`` and NumPy arrays allowed. Anything else raises
+    :class:`~.safe_load.UnsafeCheckpointError`; a file that is no checkpoint raises
+    :class:`~.safe_load.CheckpointReadError`; both name the file.
     """
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as first:
-        from ..compat import numpy_pickle_globals
-
-        try:
-            with torch.serialization.safe_globals(numpy_pickle_globals()):
-                return torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError:
-            raise first from None
+    return load_weights_file(path)
 
 
 def _as_tensor(v):
@@ -480,7 +475,8 @@ def save_conversion(conv: Conversion, path: str) -> str:
     ``.pth`` (recommended): ``torch.save`` of ``{"model": {name: tensor}, "__author__":
     "resim_d2", "matching_heuristics": False, "resim_d2_conversion": {...}}``, readable with
     ``weights_only=True``. ``.pkl``: the same dict pickled with NumPy arrays, detectron2's model-zoo
-    format (detectron2 unpickles it without weights_only). Names are exact in both.
+    format (with resim_d2 imported, detectron2 reads it with only weights allowed). Names are exact
+    in both.
     """
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     data = {
@@ -488,13 +484,13 @@ def save_conversion(conv: Conversion, path: str) -> str:
         "matching_heuristics": False,
         "resim_d2_conversion": conv.metadata(),
     }
-    if path.endswith(".pkl"):
-        data["model"] = {k: v.cpu().numpy() for k, v in conv.model.items()}
-        with open(path, "wb") as f:
+    with AtomicWriter().open(path, "wb") as f:  # a partial file never appears under `path`
+        if path.endswith(".pkl"):
+            data["model"] = {k: v.cpu().numpy() for k, v in conv.model.items()}
             pickle.dump(data, f)
-    else:
-        data["model"] = dict(conv.model)
-        torch.save(data, path)
+        else:
+            data["model"] = dict(conv.model)
+            torch.save(data, f)
     return path
 
 
@@ -583,8 +579,8 @@ def format_report(conv: Conversion, rec: Reconciliation | None = None, verbose=F
 
 
 # ------------------------------------------------------------------------------------- loading
-class TransferCheckpointer(DetectionCheckpointer):
-    """DetectionCheckpointer that applies ``RESIM.FINETUNE.TRANSFER_FPN`` to converted files.
+class TransferCheckpointer(ResumableCheckpointer):
+    """The training checkpointer, applying ``RESIM.FINETUNE.TRANSFER_FPN`` to converted files.
 
     For a file written by :func:`save_conversion` (``__author__ == "resim_d2"``): with
     ``transfer_fpn`` False its ``backbone.fpn_*`` tensors are ignored (ReSim-FPN transfers the

@@ -45,6 +45,7 @@ from detectron2.utils.file_io import PathManager
 
 from .gpu_views import GPUViews, ViewParamSampler, device_decodes_jpeg
 from .image_io import ImageLoadError, load_rgb_image
+from .skip_report import SkipCollector
 from .stream import StreamDataset, StreamSampler
 
 __all__ = [
@@ -107,6 +108,15 @@ class RawViewReader:
     def __init__(self, param_sampler: ViewParamSampler, decode_in_worker: bool = False):
         self.param_sampler = param_sampler
         self.decode_in_worker = bool(decode_in_worker)
+        # skipped files since the previous sample, reported with the next one (as TwoViewMapper)
+        self._pending: list[tuple[str, str]] = []
+        self.log_skips = True
+
+    def _skip(self, file_name: str, reason: str) -> None:
+        prefix = f"{file_name}: "  # ImageLoadError messages start with the file's name
+        self._pending.append((str(file_name), reason.removeprefix(prefix)))
+        if self.log_skips:
+            logger.warning(f"RawViewReader: skipping {file_name} ({reason})")
 
     def __repr__(self):
         return (
@@ -118,8 +128,7 @@ class RawViewReader:
         try:
             with PathManager.open(file_name, "rb") as f:
                 data = f.read()
-        except OSError as e:
-            logger.warning(f"RawViewReader: skipping {file_name} (cannot read: {e})")
+        except OSError:  # the PIL path below meets the same error and reports it, once
             return None
         info = probe_jpeg(data)
         if info is None:
@@ -139,7 +148,7 @@ class RawViewReader:
             try:
                 image = load_rgb_image(file_name)
             except ImageLoadError as e:
-                logger.warning(f"RawViewReader: skipping {file_name} ({e})")
+                self._skip(file_name, str(e))
                 return None
             sample = {
                 "data": None,
@@ -151,6 +160,8 @@ class RawViewReader:
         sample["file_name"] = file_name
         if "image_id" in record:
             sample["image_id"] = record["image_id"]
+        sample["num_skipped"], sample["skipped"] = len(self._pending), self._pending
+        self._pending = []
         return sample
 
 
@@ -176,8 +187,8 @@ class GPUViewsCollator:
          "orientations": int64 (B,), "crops": float64 (B, 2, 4) query/key, "flips": bool (B,),
          "colors": float64 (B, 2, NUM_COLOR_PARAMS),
          "windows": {feature: {"boxes_q": float32 (B, M, 4), "boxes_k": ..., "valid": bool (B, M)}},
-         "num_skipped": int64 (B,), "stream_positions": int64 (B,),
-         "file_names": [str] * B, "image_ids": [id or None] * B}
+         "num_skipped": int64 (B,), "skipped": [[(file_name, reason)]] * B,
+         "stream_positions": int64 (B,), "file_names": [str] * B, "image_ids": [id or None] * B}
     """
 
     def __call__(self, samples: list[dict]) -> dict:
@@ -206,6 +217,7 @@ class GPUViewsCollator:
             "colors": torch.from_numpy(np.stack([s["color"] for s in samples])),
             "windows": windows,
             "num_skipped": torch.tensor([s.get("num_skipped", 0) for s in samples]),
+            "skipped": [s.get("skipped", []) for s in samples],
             "stream_positions": torch.tensor([s.get("stream_position", -1) for s in samples]),
             "file_names": [s["file_name"] for s in samples],
             "image_ids": [s.get("image_id") for s in samples],
@@ -229,7 +241,7 @@ def _stop_prefetch_threads():
         thread.join(timeout=10)
 
 
-class GPUViewsLoader:
+class GPUViewsLoader(SkipCollector):
     """Iterable of ``list[dict]`` batches: a DataLoader of packed batches, made into views by
     :class:`GPUViews` on the device.
 
@@ -240,6 +252,7 @@ class GPUViewsLoader:
     """
 
     def __init__(self, data_loader, views: GPUViews, prefetch: int = 1):
+        super().__init__()  # collects the files the workers skipped (SkipCollector)
         self.data_loader = data_loader
         self.views = views
         self.prefetch = int(prefetch)
@@ -250,9 +263,16 @@ class GPUViewsLoader:
     def __iter__(self):
         if self.prefetch <= 0:
             for packed in self.data_loader:
-                yield self.views(packed)
+                yield self.note(self._views(packed))
             return
-        yield from self._threaded()
+        for batch in self._threaded():
+            yield self.note(batch)
+
+    def _views(self, packed: dict) -> list[dict]:
+        batch = self.views(packed)
+        for d, skipped in zip(batch, packed.get("skipped") or ()):
+            d["skipped"] = skipped  # the files the workers skipped, for the run's log
+        return batch
 
     def _threaded(self):
         device = self.views.device
@@ -278,7 +298,7 @@ class GPUViewsLoader:
                 for packed in self.data_loader:
                     ctx = torch.cuda.stream(stream) if cuda else contextlib.nullcontext()
                     with ctx:
-                        batch = self.views(packed)
+                        batch = self._views(packed)
                         event = torch.cuda.Event() if cuda else None
                         if cuda:
                             event.record(stream)
@@ -347,9 +367,10 @@ def build_gpu_pretrain_loader(cfg, start_iter=0, seed=None, dataset=None, device
         device: where views are made; defaults to ``cfg.MODEL.DEVICE`` (the model's device).
 
     Returns:
-        :class:`GPUViewsLoader`: batches are ``list[dict]`` of ``SOLVER.IMS_PER_BATCH /
-        world_size`` samples in TwoViewMapper's contract, images on ``device``; sample ``p`` of the
-        stream depends only on ``(seed, p)``, with the CPU path's parameters.
+        :class:`GPUViewsLoader` (a :class:`SkipCollector`): batches are ``list[dict]``
+        of ``SOLVER.IMS_PER_BATCH / world_size`` samples in TwoViewMapper's contract, images on
+        ``device``; sample ``p`` of the stream depends only on ``(seed, p)``, with the CPU path's
+        parameters.
     """
     if dataset is None:
         dataset = get_detection_dataset_dicts(cfg.DATASETS.TRAIN, filter_empty=False)
@@ -361,6 +382,7 @@ def build_gpu_pretrain_loader(cfg, start_iter=0, seed=None, dataset=None, device
     decode = resolve_decode(cfg.RESIM.GPU_VIEWS.DECODE, device)
     param_sampler = ViewParamSampler.from_config(cfg)
     reader = RawViewReader(param_sampler, decode_in_worker=decode == "worker")
+    reader.log_skips = False  # the files travel with the batches (SkipReportingLoader)
     sampler = StreamSampler(cfg.SOLVER.IMS_PER_BATCH, start_iter=start_iter)
     local_batch = cfg.SOLVER.IMS_PER_BATCH // comm.get_world_size()
     workers = cfg.DATALOADER.NUM_WORKERS

@@ -35,7 +35,9 @@ class StreamDataset(Dataset):
     skipped.
 
     A record the mapper rejects (returns ``None``) is replaced by another drawn from the same
-    position's generator; the number replaced is added to the sample's ``"num_skipped"``. After
+    position's generator. A mapper that accounts for its own skips (its output has
+    ``"num_skipped"``, as TwoViewMapper's and RawViewReader's) reports them with the sample;
+    for any other the dataset sets ``"num_skipped"`` and ``"skipped"`` (file names) itself. After
     ``max_retries`` rejections in a row the dataset is declared unreadable with a clear error.
     """
 
@@ -65,12 +67,16 @@ class StreamDataset(Dataset):
         position = int(position)
         rng = np.random.default_rng([self._seed, 1, position])
         idx = self._record_index(position)
-        for attempt in range(self._max_retries + 1):
+        rejected = []
+        for _ in range(self._max_retries + 1):
             out = self._mapper(self._records[idx], rng)
             if out is not None:
-                out["num_skipped"] = out.get("num_skipped", 0) + attempt
+                if "num_skipped" not in out:  # a mapper that does not report its own skips
+                    out["num_skipped"] = len(rejected)
+                    out["skipped"] = [(name, "rejected by the mapper") for name in rejected]
                 out["stream_position"] = position
                 return out
+            rejected.append(str(self._records[idx].get("file_name", idx)))
             idx = int(rng.integers(len(self._records)))
         raise RuntimeError(
             f"{self._max_retries + 1} records in a row could not be used (last: "

@@ -46,6 +46,11 @@ def stable_seed(file_name: str, index: int = 0) -> int:
     return zlib.crc32(key.encode("utf-8"))
 
 
+def _without_name(reason: str, file_name: str) -> str:
+    """``"<file>: cannot decode"`` -> ``"cannot decode"`` (the record names the file already)."""
+    return reason.removeprefix(f"{file_name}: ")
+
+
 def _to_uint8_chw(image: Image.Image) -> torch.Tensor:
     """RGB PIL image (H, W) -> torch.uint8 tensor (3, H, W)."""
     return torch.from_numpy(np.ascontiguousarray(np.asarray(image).transpose(2, 0, 1)))
@@ -69,7 +74,12 @@ class TwoViewMapper(ViewParamSampler):
       when flipped); ``"flip"``: bool, shared by both views; ``"file_name"``; ``"image_size"``:
       ``(h, w)`` of the original (after EXIF orientation); ``"image_id"`` when the record has one.
     * ``"num_skipped"``: records this mapper (in this worker) skipped since its previous output; the
-      sum over all outputs is the number of skipped records, across workers.
+      sum over all outputs is the number of skipped records, across workers. ``"skipped"``: the
+      ``(file_name, reason)`` of each, for the run's log (:mod:`resim_d2.data.skip_report`).
+
+    Skipped files are logged as warnings, unless ``log_skips`` is False (the training loaders set
+    it: they report the files with the batches, so that the run's log gets them once, whichever
+    worker or process met them).
 
     Randomness: ``mapper(record, rng)`` with a ``numpy.random.Generator`` or an int seed is fully
     determined by it. Without ``rng``, each process (dataloader worker) draws from its own
@@ -125,6 +135,8 @@ class TwoViewMapper(ViewParamSampler):
         self.skip_reasons = collections.Counter()
         self._consecutive_skips = 0
         self._pending_skips = 0
+        self._pending_records: list[tuple[str, str]] = []
+        self.log_skips = True
         self._rng = None
         self._rng_pid = None
 
@@ -207,9 +219,11 @@ class TwoViewMapper(ViewParamSampler):
         self.skip_reasons[kind] += 1
         self._consecutive_skips += 1
         self._pending_skips += 1
-        logger.warning(
-            f"TwoViewMapper: skipping {file_name} ({reason}); {self.num_skipped} skipped so far"
-        )
+        self._pending_records.append((str(file_name), _without_name(reason, file_name)))
+        if self.log_skips:
+            logger.warning(
+                f"TwoViewMapper: skipping {file_name} ({reason}); {self.num_skipped} skipped so far"
+            )
         if self._consecutive_skips >= self.max_consecutive_skips:
             raise RuntimeError(
                 f"TwoViewMapper: {self._consecutive_skips} consecutive records could not be used; "
@@ -237,7 +251,8 @@ class TwoViewMapper(ViewParamSampler):
         if "image_id" in dataset_dict:
             out["image_id"] = dataset_dict["image_id"]
         out["num_skipped"] = self._pending_skips
-        self._pending_skips = 0
+        out["skipped"] = self._pending_records
+        self._pending_skips, self._pending_records = 0, []
         return out
 
     def make_views(self, image: Image.Image, rng: np.random.Generator) -> dict:

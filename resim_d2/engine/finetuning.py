@@ -31,6 +31,11 @@ class DetectorFinetuning(RunKind):
             **checkpointables,
         )
 
+    def build_train_loader(self, start_iter=0, seed=None):
+        from ..data.build import build_finetune_train_loader  # image files checked first
+
+        return build_finetune_train_loader(self.cfg)
+
     def build_evaluator(self, dataset_name, output_folder=None, model=None):
         return build_evaluator(self.cfg, dataset_name, output_folder)
 

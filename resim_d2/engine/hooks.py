@@ -9,7 +9,7 @@ __all__ = ["ReSimMetricsHook"]
 
 class ReSimMetricsHook(HookBase):
     """After each step, writes the model's metrics (similarities, contrastive accuracy, valid
-    windows per image, skipped images) to the EventStorage: console, metrics.json, TensorBoard.
+    windows per image) to the EventStorage: console, metrics.json, TensorBoard.
 
     The model keeps them as device tensors during the step; writing them costs one host sync, here
     rather than inside the forward pass.

@@ -18,13 +18,14 @@ import logging
 import os
 from collections import OrderedDict
 
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.engine import DEFAULT_TIMEOUT, AMPTrainer, SimpleTrainer
 from detectron2.evaluation import DatasetEvaluator, inference_on_dataset, print_csv_format
 from detectron2.modeling import build_model
 from detectron2.solver import build_lr_scheduler, build_optimizer
 from detectron2.utils import comm
 from detectron2.utils.registry import Registry
+
+from ..checkpoint import ResumableCheckpointer
 
 __all__ = ["RUN_KIND_REGISTRY", "RunKind", "build_run_kind", "run_kind_name"]
 
@@ -106,8 +107,10 @@ class RunKind:
         return cls(model, data_loader, optimizer)
 
     def build_checkpointer(self, model, save_dir: str = "", **checkpointables):
-        """Saves the run and loads ``MODEL.WEIGHTS``/``--resume`` (also for ``--eval-only``)."""
-        return DetectionCheckpointer(model, save_dir, **checkpointables)
+        """Saves the run and loads ``MODEL.WEIGHTS``/``--resume`` (also for ``--eval-only``):
+        atomic saves, and ``--resume`` past unreadable files
+        (:class:`~resim_d2.checkpoint.ResumableCheckpointer`)."""
+        return ResumableCheckpointer(model, save_dir, **checkpointables)
 
     def build_hooks(self, trainer, hooks: list) -> list:
         """Adjust the trainer's default hooks (detectron2's, in order; writers last)."""

@@ -9,6 +9,7 @@ from detectron2.engine.train_loop import TrainerBase
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
+from .reliability import reliability_hooks
 from .run_kind import build_run_kind
 
 __all__ = ["Trainer"]
@@ -27,7 +28,8 @@ class Trainer(DefaultTrainer):
     * the optimizer and the data stream's seed are checkpointed (v0.6's DefaultTrainer saves no
       optimizer state, so ``--resume`` restarted SGD momentum and the first step used the initial
       lr);
-    * a NaN/Inf loss stops the run before the optimizer step, naming the last good checkpoint.
+    * a non-finite loss, gradient or statistic stops the run before the optimizer step, naming a
+      checkpoint to continue from (:mod:`resim_d2.engine.nan_guard`).
     """
 
     def __init__(self, cfg):
@@ -54,7 +56,9 @@ class Trainer(DefaultTrainer):
         self.register_hooks(self.build_hooks())
 
     def build_hooks(self):
-        return self.kind.build_hooks(self, super().build_hooks())
+        hooks = super().build_hooks()
+        hooks[:0] = reliability_hooks(self.cfg)  # NaN guard, resume schedule, skips, RNG state
+        return self.kind.build_hooks(self, hooks)
 
     def build_writers(self):
         return self.kind.build_writers(super().build_writers())
@@ -112,23 +116,3 @@ class Trainer(DefaultTrainer):
         if loader is not None:  # e.g. a pre-training stream continued where it stopped
             self._trainer.data_loader = loader
             self._trainer._data_loader_iter = iter(loader)
-
-    # ----------------------------------------------------------------------------- run
-    def train(self):
-        try:
-            return super().train()
-        except FloatingPointError as e:
-            ckpt = self.checkpointer
-            last = ckpt.get_checkpoint_file() if ckpt.has_checkpoint() else None
-            msg = (
-                f"Training stopped: {str(e).splitlines()[0]} The weights were not updated with it. "
-                + (
-                    f"Last good checkpoint: {last} (continue with --resume, e.g. after lowering "
-                    "SOLVER.BASE_LR or enabling SOLVER.CLIP_GRADIENTS)."
-                    if last
-                    else "No checkpoint had been saved yet (SOLVER.CHECKPOINT_PERIOD)."
-                )
-            )
-            if comm.is_main_process():
-                logger.error(msg)
-            raise FloatingPointError(msg) from e

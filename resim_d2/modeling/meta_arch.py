@@ -322,8 +322,6 @@ class ReSim(nn.Module):
         self.compile_mode = compile_mode
         # log-only metrics of the last training forward (see the module docstring)
         self.last_metrics: dict[str, torch.Tensor] = {}
-        # host-side numbers about the batch (records the loader skipped, in this process)
-        self.last_data_metrics: dict[str, float] = {}
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
 
@@ -476,7 +474,6 @@ class ReSim(nn.Module):
         names = list(self.last_metrics)
         values = torch.stack([self.last_metrics[n].float() for n in names]).tolist()
         scalars = dict(zip(names, values))
-        scalars.update(self.last_data_metrics)
         storage.put_scalars(**scalars)
         return scalars
 
@@ -640,8 +637,6 @@ class ReSim(nn.Module):
         if self.compile_encoders and self.compile_mode in CUDAGRAPH_MODES:
             # a new training step: outputs of the previous step's CUDA graphs may be overwritten
             torch.compiler.cudagraph_mark_step_begin()
-        skipped = sum(int(d.get("num_skipped", 0)) for d in batched_inputs)
-        self.last_data_metrics = {"data/skipped_images": float(skipped)}
         if self.framework == "moco":
             return self._forward_moco(batched_inputs)
         return self._forward_simsiam(batched_inputs)
