@@ -8,11 +8,10 @@ import pytest
 import torch
 
 from resim_d2 import add_resim_config, get_config_file
-from resim_d2.checkpoint import TransferCheckpointer
+from resim_d2.checkpoint import ResumableCheckpointer, TransferCheckpointer
 from resim_d2.engine import RUN_KIND_REGISTRY, Trainer, build_run_kind, run_kind_name
 from resim_d2.engine.finetuning import DetectorFinetuning
 
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import CfgNode, get_cfg
 from detectron2.engine import HookBase
 from detectron2.utils.events import EventWriter
@@ -51,7 +50,8 @@ def test_densepose_configs_get_the_densepose_kind():
 def test_checkpointers_by_kind():
     model = torch.nn.Linear(2, 2)
     pre = build_run_kind(_cfg("pretrain/demo_resim_c4_cpu.yaml")).build_checkpointer(model)
-    assert type(pre) is DetectionCheckpointer  # pre-training resumes its own checkpoints
+    # pre-training resumes its own checkpoints (atomic saves), with no transfer rules
+    assert type(pre) is ResumableCheckpointer
     fpn_t = _cfg("finetune/coco_R50_FPN_1x_fpnT.yaml")
     ckpt = build_run_kind(fpn_t).build_checkpointer(model)
     assert isinstance(ckpt, TransferCheckpointer) and ckpt.transfer_fpn
