@@ -44,9 +44,18 @@ lowest used level) are kept with ``requires_grad=False`` so DDP needs no ``find_
 
 MoCo-v2: the key encoder (``backbone_k``, ``global_head_k``, ``region_heads_k``) is a copy of the
 query side updated by momentum at the start of the key computation of every training forward
-(θk <- m θk + (1 - m) θq), never by gradient. Keys go through shuffle-BN when ``RESIM.MOCO.BN`` is
-"shuffle" and more than one process runs; "sync" relies on SyncBN norms instead. The global keys of
-the whole batch (all ranks) are enqueued after the loss.
+(θk <- m θk + (1 - m) θq), never by gradient. With ``RESIM.BN_GROUP_IMAGES`` every plain batch norm
+of both encoders and the region heads is a
+:class:`~resim_d2.layers.group_batch_norm.GroupBatchNorm2d`: each group of that many images of a
+process (one GPU of the paper's 8 x 32) has its own statistics. The images of group g are rows
+``g*n .. g*n + n-1`` of the process's batch; they enter the encoders interleaved (row ``k`` in
+group ``k % G``, the order the layer normalises for free) and pooled outputs are put back. Keys go
+through shuffle-BN when ``RESIM.MOCO.BN`` is "shuffle" and the step has more than one group
+(processes x groups): the key images and their windows are permuted across processes and groups
+before the key encoder, and its outputs unpermuted. "sync" relies on SyncBN norms instead. A step
+normalised as one group leaks batch statistics from query to key encoder; the first training step
+then logs a warning (:meth:`ReSim.leaks_batch_statistics`). The global keys of the whole batch (all
+ranks) are enqueued after the loss.
 
 SimSiam: one encoder for both views, predictor on both, symmetric negative cosine loss with
 stop-gradient. Its region branch is the same region InfoNCE, the keys (key-view windows and
