@@ -122,8 +122,16 @@ def add_resim_config(cfg):
     _C.RESIM.BN_GROUP_IMAGES = 32
 
     _C.RESIM.SIMSIAM = CN()
-    # Projection MLP width (3 layers, all this wide; paper Table 7 / SimSiam).
+    # Projection MLP width (all its layers this wide; paper Table 7 / SimSiam).
     _C.RESIM.SIMSIAM.PROJ_DIM = 2048
+    # Linear layers of every SimSiam projection, global and region. Table 7 lists input -> hidden
+    # -> output widths (C5 2048 -> 2048 -> 2048, C4 1024 -> 1024 -> 1024) and defers the depth to
+    # SimSiam, whose projector has 3 (its predictor, 2048 -> 512 -> 2048, has 2): one reading for
+    # every row.
+    _C.RESIM.SIMSIAM.PROJ_LAYERS = 3
+    # Keep the predictors (global and region) at the initial learning rate while the rest follows
+    # the schedule: SimSiam's --fix-pred-lr, its recommended setting (on in the SimSiam configs).
+    _C.RESIM.SIMSIAM.FIX_PRED_LR = False
     # Prediction MLP bottleneck width.
     _C.RESIM.SIMSIAM.PRED_HIDDEN_DIM = 512
     # Region objective of ReSim on SimSiam: "cosine" (SimSiam's symmetric negative cosine per window

@@ -507,10 +507,16 @@ def test_simsiam_region_mlps_have_table7_sizes_and_ignore_padding():
     cfg.MODEL.DEVICE = "cpu"
     model = build_model(cfg)
     mlp = model.region_mlps["res4"]
-    sizes = [tuple(m.weight.shape[::-1]) for m in (mlp.proj.fc1, mlp.proj.fc2)]
-    assert sizes == [(1024, 1024), (1024, 1024)]  # Table 7: C4 1024 -> 1024 -> 1024
-    sizes = [tuple(m.weight.shape[::-1]) for m in (mlp.pred.fc1, mlp.pred.fc2)]
-    assert sizes == [(1024, 256), (256, 1024)]  # Table 7: C4 1024 -> 256 -> 1024
+    # Table 7's C4 1024 -> 1024 -> 1024 read as the global 2048 -> 2048 -> 2048: in -> hidden ->
+    # out, SimSiam's 3-layer projector depth for both; prediction 1024 -> 256 -> 1024, 2 layers
+    sizes = [tuple(m.weight.shape[::-1]) for m in (*mlp.proj.fcs, mlp.proj.fc_out)]
+    assert sizes == [(1024, 1024)] * 3
+    sizes = [tuple(m.weight.shape[::-1]) for m in (*mlp.pred.fcs, mlp.pred.fc_out)]
+    assert sizes == [(1024, 256), (256, 1024)]
+    glob = [m for m in model.global_head.modules() if isinstance(m, torch.nn.Linear)]
+    assert [tuple(m.weight.shape[::-1]) for m in glob] == [(2048, 2048)] * 3
+    pred = [m for m in model.predictor.modules() if isinstance(m, torch.nn.Linear)]
+    assert [tuple(m.weight.shape[::-1]) for m in pred] == [(2048, 512), (512, 2048)]
     assert isinstance(model.region_heads["res4"], torch.nn.Identity)
 
     # padded windows change nothing: the same loss with 5 more padded windows per image (with

@@ -12,6 +12,7 @@ from detectron2.utils import comm
 from ..checkpoint import TransferCheckpointer
 from ..evaluation import build_evaluator
 from ..evaluation.region_correspondence import RegionCorrespondenceEvaluator, held_out_pairs
+from ..solver import build_pretrain_lr_scheduler, build_pretrain_optimizer
 from .hooks import ReSimMetricsHook
 
 __all__ = ["Trainer", "is_pretraining", "resolve_pretrain_schedule"]
@@ -128,6 +129,18 @@ class Trainer(DefaultTrainer):
             cfg.RESIM.EVAL.IMS_PER_BATCH,
             cfg.DATALOADER.NUM_WORKERS,
         )
+
+    @classmethod
+    def build_optimizer(cls, cfg, model):
+        if is_pretraining(cfg):  # detectron2's, with SimSiam's fixed-lr predictor groups
+            return build_pretrain_optimizer(cfg, model)
+        return super().build_optimizer(cfg, model)
+
+    @classmethod
+    def build_lr_scheduler(cls, cfg, optimizer):
+        if is_pretraining(cfg):
+            return build_pretrain_lr_scheduler(cfg, optimizer)
+        return super().build_lr_scheduler(cfg, optimizer)
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):

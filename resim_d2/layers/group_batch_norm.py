@@ -56,19 +56,29 @@ def num_groups(batch: int, group_size: int, what: str = "RESIM.BN_GROUP_IMAGES")
     return batch // group_size
 
 
+def _reorder_rows(x: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    """Rows of x (B, ...) viewed as ``shape`` (a, b) -> transposed to (b, a), flattened back. A
+    channels-last 4-D tensor stays channels-last (convolutions are slow on anything else)."""
+    if (
+        x.dim() == 4
+        and not x.is_contiguous()
+        and x.is_contiguous(memory_format=torch.channels_last)
+    ):
+        y = _reorder_rows(x.permute(0, 2, 3, 1), shape)  # contiguous (B, H, W, C) rows
+        return y.permute(0, 3, 1, 2)
+    return x.unflatten(0, shape).transpose(0, 1).flatten(0, 1)
+
+
 def interleave_groups(x: torch.Tensor, groups: int) -> torch.Tensor:
     """(B, ...) with group g = rows ``g*n .. g*n + n-1`` -> (B, ...) with group g = rows ``k``,
-    ``k % groups == g`` (the order :class:`GroupBatchNorm2d` normalises). A copy when groups > 1."""
-    if groups == 1:
-        return x
-    return x.unflatten(0, (groups, -1)).transpose(0, 1).flatten(0, 1)
+    ``k % groups == g`` (the order :class:`GroupBatchNorm2d` normalises). A copy when groups > 1,
+    in x's memory format."""
+    return x if groups == 1 else _reorder_rows(x, (groups, -1))
 
 
 def deinterleave_groups(x: torch.Tensor, groups: int) -> torch.Tensor:
     """The inverse of :func:`interleave_groups`."""
-    if groups == 1:
-        return x
-    return x.unflatten(0, (-1, groups)).transpose(0, 1).flatten(0, 1)
+    return x if groups == 1 else _reorder_rows(x, (-1, groups))
 
 
 class GroupBatchNorm2d(nn.BatchNorm2d):

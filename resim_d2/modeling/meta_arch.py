@@ -23,16 +23,21 @@ step), in ``model.last_metrics``: ``global/{pos_sim,neg_sim,acc_top1}`` (SimSiam
 call it after the step, e.g. from a hook's ``after_step``.
 
 Eval output (``model.eval()``), for the region-correspondence evaluator. Both views go through the
-query backbone in eval mode; region features are the raw backbone maps (no region head)::
+query backbone in eval mode; ``region_*`` are windows of the raw backbone maps, ``head_*`` of the
+query region head's output on them (what the region loss trains), for every windowed feature that
+has a region head other than the identity::
 
     {"region_q": {feature: (B, M, C) L2-normalised query-window features},
      "region_k": {feature: (B, M, C) L2-normalised key-window features},
+     "head_q":   {feature: (B, M, D) the same from the region head's output},
+     "head_k":   {feature: (B, M, D)},
      "valid":    {feature: (B, M) bool},
      "global_q": (B, C5) L2-normalised average-pooled res5 of the query view,
      "global_k": (B, C5) the same for the key view}
 
 Raw backbone features are what transfers to detectors, and they exist for the baselines as well, so
-MoCo-v2 and ReSim are compared on the same footing.
+MoCo-v2 and ReSim are compared on the same footing; the head's output shows what the objective
+itself learned.
 
 Encoder: detectron2's ``build_resnet_backbone`` (ReSim-C4; OUT_FEATURES must contain res4 and res5)
 or ``build_resnet_fpn_backbone`` (ReSim-FPN). For the FPN, :func:`backbone_features` runs
@@ -420,7 +425,9 @@ class ReSim(nn.Module):
         if framework == "moco":
             global_head = MoCoMLP(g_in, r.MOCO.MLP_DIM, r.MOCO.DIM)
         elif framework == "simsiam":
-            global_head = SimSiamProjector(g_in, r.SIMSIAM.PROJ_DIM, rn.NORM)
+            global_head = SimSiamProjector(
+                g_in, r.SIMSIAM.PROJ_DIM, rn.NORM, num_layers=r.SIMSIAM.PROJ_LAYERS
+            )
             predictor = SimSiamPredictor(r.SIMSIAM.PROJ_DIM, r.SIMSIAM.PRED_HIDDEN_DIM, rn.NORM)
         else:
             raise ValueError(
@@ -450,15 +457,16 @@ class ReSim(nn.Module):
         region_mlps = nn.ModuleDict()
         cosine = framework == "simsiam" and r.SIMSIAM.REGION_LOSS.lower() == "cosine"
         if r.REGION.ENABLED and cosine:
+            # synchronised like the encoder's norms (SimSiam: SyncBN over the whole batch)
+            sync = rn.NORM in ("SyncBN", "naiveSyncBN", "nnSyncBN")
             for f in r.REGION.IN_FEATURES:
                 c = region_dims[f]
                 hidden = max(1, round(c * r.SIMSIAM.REGION_PRED_RATIO))
-                region_mlps[f] = nn.ModuleDict(
-                    {
-                        "proj": RegionSimSiamMLP(c, c, c, final_norm=True),
-                        "pred": RegionSimSiamMLP(c, hidden, c, final_norm=False),
-                    }
+                proj = RegionSimSiamMLP(
+                    c, c, c, final_norm=True, num_layers=r.SIMSIAM.PROJ_LAYERS, sync=sync
                 )
+                pred = RegionSimSiamMLP(c, hidden, c, final_norm=False, num_layers=2, sync=sync)
+                region_mlps[f] = nn.ModuleDict({"proj": proj, "pred": pred})
         return {
             "backbone": backbone,
             "global_head": global_head,
@@ -495,6 +503,13 @@ class ReSim(nn.Module):
     @property
     def device(self) -> torch.device:
         return self.pixel_mean.device
+
+    def fixed_lr_parameters(self) -> list[nn.Parameter]:
+        """SimSiam's predictors (global, and per level for ReSim on SimSiam): the parameters
+        ``RESIM.SIMSIAM.FIX_PRED_LR`` keeps at a fixed learning rate (resim_d2.solver)."""
+        modules = [self.predictor] if self.predictor is not None else []
+        modules += [mlps["pred"] for mlps in self.region_mlps.values()]
+        return [p for m in modules for p in m.parameters() if p.requires_grad]
 
     def encoder_backbone(self) -> Backbone:
         """The encoder to convert to detectron2 detectors: the query backbone (ResNet or FPN)."""
@@ -868,6 +883,8 @@ class ReSim(nn.Module):
         out = {
             "region_q": {},
             "region_k": {},
+            "head_q": {},
+            "head_k": {},
             "valid": {},
             "global_q": F.normalize(fq[self.global_in_feature].float().mean(dim=(2, 3)), dim=1),
             "global_k": F.normalize(fk[self.global_in_feature].float().mean(dim=(2, 3)), dim=1),
@@ -881,4 +898,12 @@ class ReSim(nn.Module):
                 pool_regions(fk[f], bk, scale, self.pooler_type), dim=-1
             )
             out["valid"][f] = valid
+            head = self.region_heads[f] if f in self.region_heads else None
+            if head is not None and not isinstance(head, nn.Identity):
+                with self._autocast():
+                    hq, hk = head(fq[f]), head(fk[f])
+                for key, h, boxes in (("head_q", hq, bq), ("head_k", hk, bk)):
+                    out[key][f] = F.normalize(
+                        pool_regions(h, boxes, scale, self.pooler_type), dim=-1
+                    )
         return out
