@@ -17,6 +17,7 @@ from resim_d2.layers.group_batch_norm import (
 )
 
 C, GROUPS, PER_GROUP = 5, 3, 4
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
 def _reference_bn(seed=0):
@@ -34,9 +35,9 @@ def _step(module, x, grad_out, autocast):
     """One forward/backward; returns (output, input gradient, weight grad, bias grad)."""
     x = x.detach().clone().requires_grad_(True)
     ctx = (
-        torch.autocast("cpu", dtype=torch.bfloat16)
+        torch.autocast(x.device.type, dtype=torch.bfloat16)
         if autocast
-        else torch.autocast("cpu", enabled=False)
+        else torch.autocast(x.device.type, enabled=False)
     )
     with ctx:
         y = module(x)
@@ -44,9 +45,10 @@ def _step(module, x, grad_out, autocast):
     return y, x.grad, module.weight.grad, module.bias.grad
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, cuda])])
 @pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels_last"])
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_equals_batchnorm2d_applied_to_each_group(channels_last, precision):
+def test_equals_batchnorm2d_applied_to_each_group(channels_last, precision, device):
     g = torch.Generator().manual_seed(1)
     N = GROUPS * PER_GROUP
     # an offset mean, as conv outputs have, so that the statistics are not trivially ~0
@@ -55,9 +57,10 @@ def test_equals_batchnorm2d_applied_to_each_group(channels_last, precision):
         x = x.bfloat16()  # what a convolution under bfloat16 autocast hands its batch norm
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    grad_out = torch.randn(x.shape, generator=g)
-    bn = _reference_bn()
-    gbn = GroupBatchNorm2d(C, PER_GROUP)
+    x = x.to(device)
+    grad_out = torch.randn(x.shape, generator=g).to(device)
+    bn = _reference_bn().to(device)
+    gbn = GroupBatchNorm2d(C, PER_GROUP).to(device)
     gbn.load_state_dict(bn.state_dict())
     y, dx, dw, db = _step(gbn, x, grad_out, precision == "bf16")
 
@@ -86,6 +89,12 @@ def test_equals_batchnorm2d_applied_to_each_group(channels_last, precision):
     whole = copy.deepcopy(bn)
     with torch.no_grad():
         assert not torch.allclose(whole(x.float()), y.float(), atol=1e-2)
+    if device == "cuda":  # the same layer on the CPU gives the same numbers
+        cpu = GroupBatchNorm2d(C, PER_GROUP)
+        cpu.load_state_dict(_reference_bn().state_dict())
+        y_cpu, dx_cpu, _, _ = _step(cpu, x.cpu(), grad_out.cpu(), precision == "bf16")
+        torch.testing.assert_close(y.cpu().float(), y_cpu.float(), **tol)
+        torch.testing.assert_close(dx.cpu().float(), dx_cpu.float(), **tol)
 
 
 def test_one_group_eval_and_no_grouping_are_batchnorm2d():
