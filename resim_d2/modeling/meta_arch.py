@@ -79,6 +79,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from detectron2.config import configurable
+from detectron2.layers import NaiveSyncBatchNorm
 from detectron2.modeling import META_ARCH_REGISTRY, build_backbone
 from detectron2.modeling.backbone import Backbone
 from detectron2.modeling.backbone.fpn import FPN
@@ -725,7 +726,7 @@ class ReSim(nn.Module):
         per_process, synced = False, False
         for module in (self.backbone, self.region_heads):
             for m in module.modules():
-                if isinstance(m, nn.SyncBatchNorm) or type(m).__name__ == "NaiveSyncBatchNorm":
+                if isinstance(m, (nn.SyncBatchNorm, NaiveSyncBatchNorm)):
                     synced = True
                 elif isinstance(m, nn.modules.batchnorm._BatchNorm):
                     per_process = True
