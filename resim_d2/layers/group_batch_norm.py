@@ -81,6 +81,23 @@ def deinterleave_groups(x: torch.Tensor, groups: int) -> torch.Tensor:
     return x if groups == 1 else _reorder_rows(x, (-1, groups))
 
 
+class _ChannelsLastGrad(torch.autograd.Function):
+    """Identity whose backward hands on its gradient in channels-last layout.
+
+    Put on the output of a batch norm whose input is channels-last, it makes the batch norm's
+    incoming gradient channels-last too. With the two in different layouts, native batch norm's
+    backward returns the input's layout while its shape function (what torch.compile traces with)
+    announces the gradient's, and the traced backward then fails on a view."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.contiguous(memory_format=torch.channels_last)
+
+
 class GroupBatchNorm2d(nn.BatchNorm2d):
     """``BatchNorm2d`` whose training statistics are per group of ``group_size`` images.
 
@@ -114,6 +131,7 @@ class GroupBatchNorm2d(nn.BatchNorm2d):
         # so that (g, c) becomes one channels-last channel axis, and back afterwards
         xt = x.permute(0, 2, 3, 1).view(n, groups, H * W, C).transpose(1, 2).contiguous()
         y = self._folded(xt.view(n, H, W, groups * C).permute(0, 3, 1, 2), groups)
+        y = _ChannelsLastGrad.apply(y)
         y = y.permute(0, 2, 3, 1).reshape(n, H * W, groups, C).transpose(1, 2).contiguous()
         return y.view(N, H, W, C).permute(0, 3, 1, 2)
 
