@@ -9,8 +9,14 @@ drift, but the models then share the device's memory). Inputs are random uint8 v
 the device with windows from the real view geometry (ImageNet-like 500x375 originals), so the
 data pipeline is not measured here.
 
+``--bn-group-images 0 32`` times every model with plain batch norm (0: one group per process, the
+default) and with batch norm per group of 32 images (RESIM.BN_GROUP_IMAGES; MoCo models, SimSiam
+ignores it), and prints the cost of the groups as a ratio of step times to the first value.
+
     python benchmarks/bench_pretrain_step.py --device cuda --batch 64 128 --bf16 --channels-last
     python benchmarks/bench_pretrain_step.py --device cpu --batch 8 --depth 18 --iters 3
+    python benchmarks/bench_pretrain_step.py --device cuda --batch 128 --bf16 --channels-last \
+        --bn-group-images 0 32
 """
 
 import argparse
@@ -41,16 +47,18 @@ MODELS = {
 DEFAULT_MODELS = ["mocov2", "resim_c4", "resim_fpn"]
 
 
-def make_cfg(name, args, batch):
+def make_cfg(name, args, batch, bn_group_images=0):
     cfg = add_resim_config(get_cfg())
     cfg.merge_from_file(get_config_file(MODELS[name]))
     cfg.MODEL.DEVICE = args.device
     cfg.SOLVER.IMS_PER_BATCH = batch
+    cfg.RESIM.BN_GROUP_IMAGES = bn_group_images
     cfg.RESIM.MOCO.QUEUE_SIZE = batch * (65536 // batch)
     cfg.RESIM.SPEED.AMP_DTYPE = "bfloat16" if args.bf16 else ""
     cfg.RESIM.SPEED.CHANNELS_LAST = args.channels_last
     cfg.RESIM.SPEED.COMPILE = args.compile
     cfg.RESIM.SPEED.COMPILE_MODE = args.compile_mode
+    cfg.RESIM.VIEWS.SIZE = args.view_size
     if args.depth != 50:
         cfg.MODEL.RESNETS.DEPTH = args.depth
         cfg.MODEL.RESNETS.RES2_OUT_CHANNELS = 64 if args.depth < 50 else 256
@@ -194,6 +202,16 @@ def main():
         choices=["sequential", "round-robin"],
         help="time the models one after another (alone on the device) or in turn per repeat",
     )
+    p.add_argument(
+        "--bn-group-images",
+        type=int,
+        nargs="+",
+        default=[0],
+        metavar="N",
+        help="RESIM.BN_GROUP_IMAGES values to time each model with (0: plain batch norm, one group "
+        "per process); ratios to the first value are printed",
+    )
+    p.add_argument("--view-size", type=int, default=224, help="RESIM.VIEWS.SIZE (pixels)")
     p.add_argument("--depth", type=int, default=50)
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
@@ -212,15 +230,21 @@ def main():
     mode += f"+compile({args.compile_mode})" if args.compile else ""
     mode += " order=round-robin" if args.order == "round-robin" and not args.compile else ""
     dev = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
-    print(f"device={dev} torch={torch.__version__} R{args.depth} 224px mode={mode}")
+    print(f"device={dev} torch={torch.__version__} R{args.depth} {args.view_size}px mode={mode}")
+    groups = args.bn_group_images
     for batch in args.batch:
-        rates = time_models({n: make_cfg(n, args, batch) for n in args.models}, batch, args)
-        # the baseline: MoCo-v2 if timed, else the first model (e.g. simsiam)
-        ref = "mocov2" if "mocov2" in rates else next(iter(rates))
-        base = rates[ref]
-        for name, r in rates.items():
+        cfgs = {(n, g): make_cfg(n, args, batch, g) for g in groups for n in args.models}
+        rates = time_models(cfgs, batch, args)
+        for name, g in cfgs:
+            # the baseline: MoCo-v2 if timed, else the first model (e.g. simsiam)
+            ref = "mocov2" if "mocov2" in args.models else args.models[0]
+            r, base = rates[(name, g)], rates[(ref, g)]
             ratio = f"  {r / base:.3f}x of {ref} ({base / r:.3f}x its step time)"
-            print(f"batch {batch:4d} {name:18s} {r:9.1f} img/s{ratio}")
+            label = name if len(groups) == 1 else f"{name} bn/{g}"
+            if (name, g) != (name, groups[0]):  # the groups' cost against the first setting
+                plain = rates[(name, groups[0])]
+                ratio += f"; {plain / r:.3f}x the step time of bn/{groups[0]}"
+            print(f"batch {batch:4d} {label:24s} {r:9.1f} img/s{ratio}")
 
 
 if __name__ == "__main__":

@@ -73,6 +73,16 @@ for step in ${STEPS:-prroi pretrain compile views}; do
         RESIM.VIEWS.BACKEND gpu DATALOADER.NUM_WORKERS 8 RESIM.SPEED.AMP_DTYPE bfloat16 \
         RESIM.SPEED.CHANNELS_LAST True OUTPUT_DIR /tmp/demo_cuda
       ls /tmp/demo_cuda ;;
+    bn_groups)  # batch norm per 32 images (RESIM.BN_GROUP_IMAGES) against plain batch norm, eager
+      run 90 python3 -m pytest -q -p no:cacheprovider -m cuda tests/test_group_batch_norm.py
+      run 240 python3 $bench --device cuda --batch 128 --bf16 --channels-last --repeats 2 \
+        --models mocov2 resim_c4 resim_fpn --bn-group-images 0 32
+      run 240 python3 $bench --device cuda --batch 128 --bf16 --repeats 2 \
+        --models resim_c4 resim_fpn --bn-group-images 0 32 ;;
+    bn_groups_graphs)  # the same with torch.compile + CUDA graphs (the 3% target)
+      run 540 python3 $bench --device cuda --batch 128 --bf16 --channels-last --compile \
+        --compile-mode reduce-overhead --repeats 2 --models resim_c4 resim_fpn \
+        --bn-group-images 0 32 ;;
     *) echo "unknown step $step" ;;
   esac
 done

@@ -76,9 +76,10 @@ def add_resim_config(cfg):
     # Whether negatives of a feature are gathered from all GPUs (released code: C4/P4 yes, P3 no).
     _C.RESIM.REGION.GATHER_NEGATIVES = [True]
     # Images whose negatives form one set, per feature; 0 = all images of the process (or of all
-    # GPUs when gathered). The released code keeps P3 negatives per GPU at 32 images per GPU; 32
-    # here gives that same set whatever the number of GPUs and the per-GPU batch (which must then
-    # be a multiple of it, or at most it). Needs GATHER_NEGATIVES False for that feature.
+    # GPUs when gathered); -1 = RESIM.BN_GROUP_IMAGES (the emulated GPU's images). The released
+    # code keeps P3 negatives per GPU at 32 images per GPU; 32 here gives that same set whatever
+    # the number of GPUs and the per-GPU batch (which must then be a multiple of it, or at most
+    # it). Needs GATHER_NEGATIVES False for that feature.
     _C.RESIM.REGION.NEG_GROUP_IMAGES = [0]
     # Region feature extractor: "PrRoIPool" (paper) or "ROIAlign" (ablation, §4.1).
     _C.RESIM.REGION.POOLER_TYPE = "PrRoIPool"
@@ -113,9 +114,24 @@ def add_resim_config(cfg):
     # Batch-norm decorrelation of keys across GPUs: "shuffle" (MoCo's shuffle-BN) or "sync".
     _C.RESIM.MOCO.BN = "shuffle"
 
+    # MoCo: every plain batch norm (MODEL.RESNETS.NORM "BN") of both encoders and the region heads
+    # normalises each group of this many images of a process separately, as that many GPUs would
+    # (the paper: 32 per GPU), and shuffle-BN shuffles the keys across the groups; so 1 GPU x 256,
+    # 2 x 128 and 8 x 32 train the same model. The per-process batch must be a multiple of it, or
+    # at most it (one group). 0: one group per process. SimSiam ignores it (whole-batch norms).
+    _C.RESIM.BN_GROUP_IMAGES = 32
+
     _C.RESIM.SIMSIAM = CN()
-    # Projection MLP width (3 layers, all this wide; paper Table 7 / SimSiam).
+    # Projection MLP width (all its layers this wide; paper Table 7 / SimSiam).
     _C.RESIM.SIMSIAM.PROJ_DIM = 2048
+    # Linear layers of every SimSiam projection, global and region. Table 7 lists input -> hidden
+    # -> output widths (C5 2048 -> 2048 -> 2048, C4 1024 -> 1024 -> 1024) and defers the depth to
+    # SimSiam, whose projector has 3 (its predictor, 2048 -> 512 -> 2048, has 2): one reading for
+    # every row.
+    _C.RESIM.SIMSIAM.PROJ_LAYERS = 3
+    # Keep the predictors (global and region) at the initial learning rate while the rest follows
+    # the schedule: SimSiam's --fix-pred-lr, its recommended setting (on in the SimSiam configs).
+    _C.RESIM.SIMSIAM.FIX_PRED_LR = False
     # Prediction MLP bottleneck width.
     _C.RESIM.SIMSIAM.PRED_HIDDEN_DIM = 512
     # Region objective of ReSim on SimSiam: "cosine" (SimSiam's symmetric negative cosine per window

@@ -15,7 +15,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def test_demo_precision_options(monkeypatch, load_tool):
     demo = load_tool("demo")
-    assert demo.cpu_speed_opts("fp32") == (["RESIM.SPEED.CHANNELS_LAST", "True"], "fp32")
+    assert demo.cpu_speed_opts("fp32") == ([], "fp32")  # float32: the default layout
     opts, precision = demo.cpu_speed_opts("bf16")
     assert precision == "bf16" and opts[-2:] == ["RESIM.SPEED.AMP_DTYPE", "bfloat16"]
     # auto: bf16 only where the CPU multiplies bfloat16 natively
@@ -41,6 +41,7 @@ def test_demo_pretrains_and_scores_correspondence(tmp_path):
     assert "95% interval" in out
     assert "across the 2 seeds" in out and "resim ahead in" in out
     assert "held-out photographs" in out and "pre-training photographs" in out
+    assert "region head, what the region loss trains" in out  # the head's output scored too
     for seed in (0, 1):
         for name in ("resim", "mocov2"):
             assert os.path.isfile(tmp_path / f"seed{seed}" / name / "model_final.pth")

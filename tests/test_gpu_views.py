@@ -13,7 +13,7 @@ from PIL import Image, ImageFilter
 from scipy import stats
 from test_image_io import write_bad_files
 from test_resim_model import tiny_cfg
-from test_view_geometry import smooth_image
+from test_view_geometry import released_grid_valid, smooth_image
 
 from resim_d2 import add_resim_config
 from resim_d2.data import gpu_views
@@ -187,6 +187,23 @@ def test_loader_batches_match_the_cpu_loader(records):
             assert (x[key].float() - y[key].float()).abs().mean() < 3.0
     rot = next(y for y in b if y["file_name"].endswith("rot.jpg"))
     assert rot["image_size"] == (140, 90)
+
+
+def test_gpu_path_windows_follow_the_released_validity_rule(records):
+    """The masks the GPU loader hands the model are the released code's (re-typed) for the crops
+    it drew: far edges strictly inside the key view."""
+    cfg = make_cfg(batch=len(records))
+    r = cfg.RESIM.REGION
+    checked = 0
+    for batch in _take(gpu_loader(cfg, records, seed=8), 3):
+        for d in batch:
+            crop_q = tuple(float(v) for v in d["crop_q"])
+            crop_k = tuple(float(v) for v in d["crop_k"])
+            for f, w, s in zip(r.IN_FEATURES, r.WINDOW_SIZES, r.WINDOW_STRIDES):
+                ref = released_grid_valid(crop_q, crop_k, w, s, img_size=float(S))
+                assert np.array_equal(d["windows"][f]["valid"].cpu().numpy(), ref)
+                checked += int(ref.sum())
+    assert checked > 100
 
 
 # ----------------------------------------------------------------------------- statistics

@@ -126,3 +126,48 @@ def test_paired_difference_interval_matches_the_delta_method():
     se = 100.0 * np.sqrt(len(n) * (resid**2).sum() / (len(n) - 1)) / n.sum()
     assert diff == pytest.approx(100.0 * r)
     assert (high - low) / 2 == pytest.approx(1.96 * se, rel=0.1)
+
+
+def test_evaluator_scores_the_region_head_output_beside_the_backbone_map():
+    """Hand-counted: the backbone windows match their keys, the head windows are swapped."""
+    emb = torch.eye(4)
+    out = {
+        "region_q": {"res4": torch.stack([emb[[0, 1]], emb[[2, 3]]])},
+        "region_k": {"res4": torch.stack([emb[[0, 1]], emb[[2, 3]]])},
+        "head_q": {"res4": torch.stack([emb[[0, 1]], emb[[2, 3]]])},
+        "head_k": {"res4": torch.stack([emb[[1, 0]], emb[[3, 3]]])},
+        "valid": {"res4": torch.tensor([[True, True], [True, True]])},
+    }
+    ev = RegionCorrespondenceEvaluator("x", group_size=2, distributed=False)
+    ev.process([{}, {}], out)
+    res = ev.evaluate()
+    assert res["region_corr_res4"]["top1"] == 100.0
+    # head: pair 0 swapped (0 hits); pair 1: window 0's key ties with window 1's (a miss), window
+    # 1's own key is emb[3] and ties with window 0's key emb[3] (a miss)
+    assert res["region_corr_head_res4"]["top1"] == 0.0
+    assert res["region_corr_head_res4"]["windows"] == 4
+    assert ev.per_pair["res4"] == [(2, 2), (2, 2)]
+    assert ev.per_pair["head_res4"] == [(2, 0), (2, 0)]
+
+
+def test_model_inference_gives_head_embeddings_only_where_a_region_head_exists():
+    from test_resim_model import build, make_batch, tiny_cfg
+
+    for region, head, expect in ((True, "conv", True), (True, "none", False), (False, "conv", 0)):
+        cfg = tiny_cfg("c4", region=region)
+        cfg.RESIM.REGION.HEAD = head
+        model = build(cfg).eval()
+        out = model(make_batch(cfg, B=2))
+        assert set(out["region_q"]) == {"res4"}
+        assert set(out["head_q"]) == ({"res4"} if expect else set())
+        if expect:
+            hq = out["head_q"]["res4"]
+            assert hq.shape == (2, out["valid"]["res4"].shape[1], cfg.RESIM.REGION.HEAD_DIM)
+            valid = out["valid"]["res4"]
+            assert valid.any()
+            torch.testing.assert_close(hq[valid].norm(dim=-1), torch.ones(int(valid.sum())))
+            # the head's output is another embedding than the raw map's
+            assert not torch.allclose(
+                out["head_q"]["res4"] @ out["head_k"]["res4"].transpose(1, 2),
+                out["region_q"]["res4"] @ out["region_k"]["res4"].transpose(1, 2),
+            )

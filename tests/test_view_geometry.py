@@ -141,6 +141,46 @@ def test_grid_keeps_exactly_the_lattice_windows_that_map_inside_the_key_view():
                     np.testing.assert_allclose(bq[m], q)
 
 
+def released_grid_valid(crop_q, crop_k, window, stride, img_size=224.0):
+    """The released code's windows of one view pair (moco/datasets.py), re-typed: query grid
+    anchored at the origin, far edge strictly inside; a window is kept when its mapped key box
+    passes ``x0 < 0 or y0 < 0 or x1 >= img_size or y1 >= img_size`` -> rejected. Row-major."""
+    n = int(math.ceil((img_size - window) / stride))
+    valid = []
+    for i in range(n):
+        for j in range(n):
+            y0, x0 = i * float(stride), j * float(stride)
+            y1, x1 = y0 + window, x0 + window
+            assert not (x1 >= img_size or y1 >= img_size)
+            kx0, ky0, kx1, ky1 = released_anchor_mapping((x0, y0, x1, y1), crop_q, crop_k, img_size)
+            valid.append(not (kx0 < 0 or ky0 < 0 or kx1 >= img_size or ky1 >= img_size))
+    return np.array(valid)
+
+
+def test_grid_validity_is_the_released_rule_on_random_integer_crop_pairs():
+    """Identical masks to a re-typing of the released code on many ImageNet-like view pairs,
+    including the windows whose mapped far edge lands exactly on the key view's edge (valid
+    before with a tolerance; invalid in the released code, which needs it strictly inside)."""
+    rng = np.random.default_rng(10)
+    windows = edge = 0
+    for _ in range(4000):
+        crop_q, crop_k, _ = vg.sample_view_pair(rng, (375, 500))
+        for w, s in [(48, 32), (32, 24)]:
+            _, _, valid = vg.make_windows(crop_q, crop_k, S, w, s, "grid")
+            ref = released_grid_valid(tuple(crop_q), tuple(crop_k), w, s)
+            assert np.array_equal(valid, ref), (crop_q, crop_k, w, s)
+            windows += len(ref)
+            n = vg.windows_per_axis(S, w, s)
+            lattice = [(j * s, i * s, j * s + w, i * s + w) for i in range(n) for j in range(n)]
+            for q in lattice:
+                k = released_anchor_mapping(q, tuple(crop_q), tuple(crop_k))
+                edge += min(k[:2]) >= 0 and max(k[2:]) == S
+    assert windows == 4000 * (36 + 64)
+    # the boundary case happens, rarely: about 1.6 in 10,000 windows (0 here would test nothing)
+    print(f"{edge} of {windows} windows map exactly onto the key view's far edge")
+    assert 10 <= edge <= 200, edge
+
+
 def test_overlap_placement_starts_at_the_overlap_corner_and_fills_it():
     for crop_q, crop_k in random_pairs(100, seed=4):
         overlap = vg.box_intersection(crop_q, crop_k)

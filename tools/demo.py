@@ -4,9 +4,11 @@
 Trains ReSim-C4 (configs/pretrain/demo_resim_c4_cpu.yaml) and, the same way, the MoCo-v2 baseline
 (demo_mocov2_cpu.yaml) on the photographs scikit-image ships (no download), then scores region
 correspondence of both, and of the untrained network, on the same view pairs: of held-out
-photographs, and new pairs of the pre-training photographs. Prints a summary: the loss curves, the
-checkpoints, the scores and the paired differences with bootstrap intervals (per seed and across
-seeds with --seeds). Training goes through tools/train_net.py's Trainer.
+photographs, and new pairs of the pre-training photographs; on the raw res4 map (all models) and on
+the region head's output (what ReSim's region loss trains; ReSim and the untrained network, which
+is built from ReSim's config). Prints a summary: the loss curves, the checkpoints, the scores and
+the paired differences with bootstrap intervals (per seed and across seeds with --seeds). Training
+goes through tools/train_net.py's Trainer.
 
     python tools/demo.py                 # both runs
     python tools/demo.py --only resim    # ReSim alone
@@ -26,9 +28,11 @@ FEATURE = "res4"
 
 
 def cpu_speed_opts(precision):
-    """Config options for the fastest faithful CPU step: channels-last always; bfloat16 autocast
+    """Config options for the fastest faithful CPU step: bfloat16 autocast with channels-last
     when ``precision`` is "bf16", or "auto" and the CPU multiplies bfloat16 natively (AMX or
-    AVX512-BF16; elsewhere oneDNN emulates it and bf16 is slower than fp32).
+    AVX512-BF16; elsewhere oneDNN emulates it and bf16 is slower than fp32); otherwise float32 in
+    the default layout, where the batch-norm groups (RESIM.BN_GROUP_IMAGES) cost no copy and
+    float32 convolutions are no slower than channels-last.
     Returns (opts, "bf16" or "fp32")."""
     import torch
 
@@ -40,10 +44,9 @@ def cpu_speed_opts(precision):
             except (AttributeError, RuntimeError):  # older torch: no probe, stay in fp32
                 pass
         precision = "bf16" if native else "fp32"
-    opts = ["RESIM.SPEED.CHANNELS_LAST", "True"]
     if precision == "bf16":
-        opts += ["RESIM.SPEED.AMP_DTYPE", "bfloat16"]
-    return opts, precision
+        return ["RESIM.SPEED.CHANNELS_LAST", "True", "RESIM.SPEED.AMP_DTYPE", "bfloat16"], precision
+    return [], precision
 
 
 def _read_metrics(path):
@@ -70,7 +73,8 @@ def correspondence(config, opts, weights, on_train_images=False):
     """Per-pair region correspondence of the model ``config`` + ``opts`` with ``weights`` (None:
     untrained, built with the config's seed), in this process: on the config's held-out dataset,
     or with ``on_train_images`` on new view pairs of its pre-training images (as many pairs in
-    all as the held-out evaluation has). Returns (top-1 %, windows, per-pair list)."""
+    all as the held-out evaluation has). Returns {source: (top-1 %, windows, per-pair list)} for
+    the sources the model has: "map" (the raw backbone map) and "head" (its region head)."""
     import torch
 
     from resim_d2 import add_resim_config
@@ -101,11 +105,17 @@ def correspondence(config, opts, weights, on_train_images=False):
         name, group_size=cfg.RESIM.EVAL.GROUP_SIZE, distributed=False
     )
     res = inference_on_dataset(model, Trainer.build_test_loader(cfg, name), evaluator)
-    r = res[f"region_corr_{FEATURE}"]
-    return r["top1"], int(r["windows"]), evaluator.per_pair[FEATURE]
+    out = {}
+    for source, key in SOURCES.items():
+        r = res.get(f"region_corr_{key}")
+        if r is not None:
+            out[source] = (r["top1"], int(r["windows"]), evaluator.per_pair[key])
+    return out
 
 
 PAIRS = (("resim", "mocov2"), ("resim", "untrained"), ("mocov2", "untrained"))
+# what the summary scores -> the evaluator's key
+SOURCES = {"map": FEATURE, "head": f"head_{FEATURE}"}
 
 
 def _train(name, config, out, opts):
@@ -127,14 +137,16 @@ def _train(name, config, out, opts):
 def _print_run(name, r):
     print(f"\n{name}: checkpoint {r['checkpoint']}")
     print(_loss_curve(r["rows"]))
-    key = f"region_corr_{FEATURE}/top1"
     # completed iterations: in-training evaluations log the iteration before, the final one
     # (after training) the count itself
     last = max((row["iteration"] + 1 for row in r["rows"] if "total_loss" in row), default=0)
-    curve = [(min(row["iteration"] + 1, last), row[key]) for row in r["rows"] if key in row]
-    if curve:
-        pts = ", ".join(f"{v:.1f}% at iter {it}" for it, v in curve)
-        print(f"  correspondence top-1 during training: {pts}")
+    for source, name in SOURCES.items():
+        key = f"region_corr_{name}/top1"
+        curve = [(min(row["iteration"] + 1, last), row[key]) for row in r["rows"] if key in row]
+        if curve:
+            pts = ", ".join(f"{v:.1f}% at iter {it}" for it, v in curve)
+            what = "res4 map" if source == "map" else "region head"
+            print(f"  correspondence top-1 during training ({what}): {pts}")
 
 
 # what the summary calls each evaluation -> correspondence(on_train_images=...)
@@ -144,13 +156,20 @@ EVAL_SETS = {
 }
 
 
-def _summarise(label, by_seed):
-    """Print the scores of every model on one evaluation set, per seed and across seeds."""
+def _summarise(label, by_seed, source="map"):
+    """Print the scores of every model on one evaluation set, per seed and across seeds, of one
+    embedding: "map" (the raw res4 map) or "head" (the region head's output)."""
     from resim_d2.evaluation.region_correspondence import paired_difference
 
-    windows = next(iter(by_seed.values()))["untrained"][1]
+    by_seed = {
+        seed: {n: r[source] for n, r in s.items() if source in r} for seed, s in by_seed.items()
+    }
+    if not any(by_seed.values()):
+        return
+    windows = next(iter(next(iter(by_seed.values())).values()))[1]
+    what = FEATURE if source == "map" else f"{FEATURE} region head, what the region loss trains"
     print(
-        f"\nRegion correspondence ({FEATURE}, {label}, {windows} query windows): the share of "
+        f"\nRegion correspondence ({what}; {label}, {windows} query windows): the share of "
         "query windows whose nearest key window is their own"
     )
     diffs = {pair: [] for pair in PAIRS}
@@ -208,7 +227,8 @@ def main():
     )
     a = p.parse_args()
     speed_opts, precision = cpu_speed_opts(a.precision)
-    print(f"[demo] precision {precision}, channels-last", flush=True)
+    layout = "channels-last" if "RESIM.SPEED.CHANNELS_LAST" in speed_opts else "default layout"
+    print(f"[demo] precision {precision}, {layout}", flush=True)
     common = speed_opts + list(a.opts)
     if a.iters:
         common += ["SOLVER.MAX_ITER", str(a.iters), "TEST.EVAL_PERIOD", str(a.iters)]
@@ -227,7 +247,7 @@ def main():
         return
 
     print("\n=== region correspondence of every model on the same view pairs", flush=True)
-    scores = {}  # eval set -> seed -> name -> (top1, windows, per_pair)
+    scores = {}  # eval set -> seed -> name -> source -> (top1, windows, per_pair)
     for seed, results in runs.items():
         first = next(iter(results.values()))
         for label, on_train in EVAL_SETS.items():
@@ -242,8 +262,9 @@ def main():
     for seed, results in runs.items():
         for name, r in results.items():
             _print_run(name if seed is None else f"{name} (seed {seed})", r)
-    for label, by_seed in scores.items():
-        _summarise(label, by_seed)
+    for source in SOURCES:
+        for label, by_seed in scores.items():
+            _summarise(label, by_seed, source)
     print(
         "\nThe intervals cover the choice of view pairs for one trained model, not the randomness "
         "of training: runs that differ only in SEED can differ by more than these intervals "

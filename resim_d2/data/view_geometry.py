@@ -13,7 +13,10 @@ Conventions
   flip is decided once per image and applied before cropping, so both views share it (paper §3.3).
 * Query -> key map, per axis (paper §3.3, released code ``anchor_mapping``)::
 
-      x_orig = l_q + x_q * w_q / S,      x_k = (x_orig - l_k) * S / w_k
+      x_orig = w_q * x_q / S + l_q,      x_k = (x_orig - l_k) * S / w_k
+
+  evaluated in float64 in exactly this order, as the released code does, so that a window whose
+  mapped far edge lands on the view's edge is decided as the released code decides it.
 
 * Windows: a ``w x w`` window slid with stride ``s`` over the query view. A window is used only
   where its mapped box lies inside the key view, i.e. inside the overlap of the two crops. Two
@@ -21,10 +24,15 @@ Conventions
 
   ``"grid"``     anchored at the query view's origin: positions ``0, s, 2s, ...`` with the window's
                  far edge strictly inside the view (released code: ``if x1 >= 224: continue``),
-                 which gives 6 x 6 windows for 48/32 and 8 x 8 for 32/24 at ``S = 224``;
+                 which gives 6 x 6 windows for 48/32 and 8 x 8 for 32/24 at ``S = 224``; a
+                 window is valid exactly as in the released code: its key box has
+                 ``x0 >= 0, y0 >= 0, x1 < S, y1 < S`` (far edges strictly inside the key view, no
+                 tolerance; with integer crops about 1.6 in 10,000 windows map exactly onto it);
   ``"overlap"``  the same lattice started at the overlap's top-left corner in query-view pixels
                  (the paper's wording "slides a window across the overlapping area"), with the same
-                 strict far-edge rule inside the overlap.
+                 strict far-edge rule inside the overlap (decided in query-view pixels; the key box
+                 is only checked against rounding there, since the overlap's corner maps onto the
+                 key view's edge).
 
   Both give at most :func:`windows_per_axis` ``** 2`` windows, so outputs are padded to that fixed
   count ``M`` (row-major: window ``m`` is row ``m // n``, column ``m % n``) and batches stack.
@@ -47,12 +55,13 @@ __all__ = [
     "box_intersection",
     "windows_per_axis",
     "make_windows",
+    "released_valid",
 ]
 
 PLACEMENTS = ("grid", "overlap")
 
-# Mapped boxes may leave the key view by floating-point rounding only; this much (view pixels) is
-# forgiven and clipped away.
+# "overlap" placement: mapped boxes may leave the key view by floating-point rounding only; this
+# much (view pixels) is forgiven and clipped away. ("grid" follows the released code exactly.)
 _INSIDE_TOL = 1e-4
 
 
@@ -141,23 +150,24 @@ def flip_boxes(boxes: np.ndarray, width: float) -> np.ndarray:
     return out
 
 
-def _scale_offset(crop, view_size: float):
+def _size_offset(crop):
     crop = np.asarray(crop, dtype=np.float64)
-    sx = (crop[2] - crop[0]) / view_size
-    sy = (crop[3] - crop[1]) / view_size
-    return np.array([sx, sy, sx, sy]), np.array([crop[0], crop[1], crop[0], crop[1]])
+    w, h = crop[2] - crop[0], crop[3] - crop[1]
+    return np.array([w, h, w, h]), np.array([crop[0], crop[1], crop[0], crop[1]])
 
 
 def view_to_image(boxes: np.ndarray, crop: np.ndarray, view_size: float) -> np.ndarray:
-    """Boxes (..., 4) in view pixels -> original pixels, for a view (side view_size) of crop."""
-    scale, offset = _scale_offset(crop, view_size)
-    return np.asarray(boxes, dtype=np.float64) * scale + offset
+    """Boxes (..., 4) in view pixels -> original pixels, for a view (side view_size) of crop:
+    ``size * x / S + offset`` (the released code's order of operations)."""
+    size, offset = _size_offset(crop)
+    return size * np.asarray(boxes, dtype=np.float64) / float(view_size) + offset
 
 
 def image_to_view(boxes: np.ndarray, crop: np.ndarray, view_size: float) -> np.ndarray:
-    """Boxes (..., 4) in original pixels -> view pixels, for a view (side view_size) of crop."""
-    scale, offset = _scale_offset(crop, view_size)
-    return (np.asarray(boxes, dtype=np.float64) - offset) / scale
+    """Boxes (..., 4) in original pixels -> view pixels, for a view (side view_size) of crop:
+    ``(x - offset) * S / size`` (the released code's order of operations)."""
+    size, offset = _size_offset(crop)
+    return (np.asarray(boxes, dtype=np.float64) - offset) * float(view_size) / size
 
 
 def map_boxes(
@@ -196,6 +206,17 @@ def _fit_count(start: float, end: float, window: float, stride: float, cap: int)
     if span <= 0:
         return 0
     return min(cap, int(math.ceil(span / stride - 1e-9)))
+
+
+def released_valid(boxes_k: np.ndarray, view_size: float) -> np.ndarray:
+    """The released code's test of a mapped key box (N, 4): near edges at or inside the view, far
+    edges strictly inside (``x0 < 0 or y0 < 0 or x1 >= S or y1 >= S`` is rejected)."""
+    return (
+        (boxes_k[:, 0] >= 0)
+        & (boxes_k[:, 1] >= 0)
+        & (boxes_k[:, 2] < view_size)
+        & (boxes_k[:, 3] < view_size)
+    )
 
 
 def _inside(boxes: np.ndarray, view_size: float) -> np.ndarray:
@@ -252,7 +273,10 @@ def make_windows(
         x0, y0 = ov[0] + cols, ov[1] + rows
     boxes_q = np.stack([x0, y0, x0 + window, y0 + window], axis=1)
     boxes_k = map_boxes(boxes_q, crop_q, crop_k, view_size)
-    valid &= _inside(boxes_k, view_size) & _inside(boxes_q, view_size)
+    if placement == "grid":  # query windows lie inside the query view by construction
+        valid &= released_valid(boxes_k, view_size)
+    else:
+        valid &= _inside(boxes_k, view_size) & _inside(boxes_q, view_size)
     boxes_k = np.clip(boxes_k, 0.0, view_size)
     boxes_q[~valid] = 0.0
     boxes_k[~valid] = 0.0

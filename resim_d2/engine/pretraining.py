@@ -9,6 +9,7 @@ from detectron2.data import DatasetCatalog
 from detectron2.data.build import get_detection_dataset_dicts
 
 from ..evaluation.region_correspondence import RegionCorrespondenceEvaluator, held_out_pairs
+from ..solver import build_pretrain_lr_scheduler, build_pretrain_optimizer
 from .hooks import ReSimMetricsHook
 from .run_kind import RUN_KIND_REGISTRY, RunKind
 
@@ -51,10 +52,18 @@ class ReSimPretraining(RunKind):
       workers or batched on the model's device (``RESIM.VIEWS.BACKEND``).
     * Evaluation is the region-correspondence score on held-out two-view pairs.
     * The model's metrics reach the event writers after every step (:class:`ReSimMetricsHook`).
+    * The optimizer and schedule are detectron2's, with SimSiam's predictor at a fixed learning
+      rate when ``RESIM.SIMSIAM.FIX_PRED_LR`` (:mod:`resim_d2.solver`).
     """
 
     def prepare_config(self):
         resolve_pretrain_schedule(self.cfg)
+
+    def build_optimizer(self, model):
+        return build_pretrain_optimizer(self.cfg, model)
+
+    def build_lr_scheduler(self, optimizer):
+        return build_pretrain_lr_scheduler(self.cfg, optimizer)
 
     def build_train_loader(self, start_iter=0, seed=None):
         cfg = self.cfg

@@ -10,6 +10,10 @@ as a batch of distinct images would have none. Reported as top-1 (and top-5) acc
 percent, per feature map, with the number of windows scored. Chance is about 1 / (windows in the
 group); a model without region training can still score above chance from global context, which is
 why the MoCo-v2 baseline is the reference to compare with, not zero.
+
+Two embeddings are scored when the model gives both: the raw backbone map (``region_corr_<f>``,
+what transfers to detectors, comparable across models) and the region head's output
+(``region_corr_head_<f>``, what the region loss trains; models without a region head have none).
 """
 
 import itertools
@@ -105,11 +109,16 @@ def paired_difference(a, b, n_boot: int = 4000, seed: int = 0, level: float = 0.
     return float(diff), float(low), float(high)
 
 
+# (key of the scored embedding in per_pair and the results, query output, key output)
+SOURCES = (("{}", "region_q", "region_k"), ("head_{}", "head_q", "head_k"))
+
+
 class RegionCorrespondenceEvaluator(DatasetEvaluator):
     """Consumes ReSim's inference outputs: ``{"region_q": {f: (B, M, D)}, "region_k": {f: (B, M,
-    D)}, "valid": {f: (B, M)}}`` (embeddings L2-normalised). After ``evaluate``, ``per_pair``
-    holds this process's (windows, top-1 hits) of every view pair, for paired comparisons of two
-    models on the same pairs."""
+    D)}, "valid": {f: (B, M)}}`` and optionally ``"head_q"``/``"head_k"`` (embeddings
+    L2-normalised). After ``evaluate``, ``per_pair`` holds this process's (windows, top-1 hits) of
+    every view pair, for paired comparisons of two models on the same pairs, under ``f`` for the
+    backbone map and ``"head_" + f`` for the region head's output."""
 
     def __init__(self, dataset_name, group_size=64, distributed=True):
         self._dataset_name = dataset_name
@@ -150,17 +159,24 @@ class RegionCorrespondenceEvaluator(DatasetEvaluator):
             per_pair.append((len(r), int((r < 1).sum())))
 
     def process(self, inputs, outputs):
+        batch = max((v.shape[0] for v in outputs["valid"].values()), default=0)
+        sources = []  # the image each pair was cut from; a pair without a file name is its own
+        for b in range(batch):
+            name = inputs[b].get("file_name") if b < len(inputs) else None
+            sources.append(name if name is not None else object())
         for feature, valid in outputs["valid"].items():
-            rq, rk = outputs["region_q"][feature], outputs["region_k"][feature]
-            for b in range(valid.shape[0]):
-                m = valid[b].to("cpu", torch.bool)
-                group = self._pending.setdefault(feature, [])
-                # the image a pair was cut from; a pair without a file name is its own source
-                source = inputs[b].get("file_name") if b < len(inputs) else None
-                source = source if source is not None else object()
-                group.append((rq[b].detach().cpu()[m], rk[b].detach().cpu()[m], source))
-                if len(group) >= self._group_size:
-                    self._score_group(feature)
+            for name, q_key, k_key in SOURCES:
+                if feature not in outputs.get(q_key, {}):
+                    continue
+                rq, rk = outputs[q_key][feature], outputs[k_key][feature]
+                key = name.format(feature)
+                group = self._pending.setdefault(key, [])
+                for b in range(valid.shape[0]):
+                    m = valid[b].to("cpu", torch.bool)
+                    group.append((rq[b].detach().cpu()[m], rk[b].detach().cpu()[m], sources[b]))
+                    if len(group) >= self._group_size:
+                        self._score_group(key)
+                        group = self._pending.setdefault(key, [])
 
     def evaluate(self):
         for feature in list(self._pending):

@@ -21,6 +21,7 @@ __all__ = [
     "all_reduce_mean",
     "batch_shuffle",
     "batch_unshuffle",
+    "shuffle_permutation",
 ]
 
 
@@ -65,24 +66,35 @@ def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
     return out / ws
 
 
+def shuffle_permutation(total: int, device: torch.device) -> torch.Tensor:
+    """The random permutation of shuffle-BN: (total,) int64 on ``device``. Rank 0's is used by all
+    ranks. One function, so that tests can make two runs draw the same permutation."""
+    return torch.randperm(total, device=device)
+
+
 @torch.no_grad()
-def batch_shuffle(tensors: list[torch.Tensor]) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+def batch_shuffle(
+    tensors: list[torch.Tensor], in_process: bool = False
+) -> tuple[list[torch.Tensor], torch.Tensor | None]:
     """MoCo's shuffle-BN: permute whole samples across ranks with one random permutation.
 
     tensors: per-sample tensors of this rank, each (B, ...) with the same B (e.g. the key images
     and the key windows, so every image keeps its own windows).
+    in_process: shuffle in a single process too (its batch norms normalise several groups of
+    images, :mod:`resim_d2.layers.group_batch_norm`); otherwise one process returns
+    (tensors, None).
     Returns (the shuffled tensors, each (B, ...), idx_unshuffle (world_size * B,)) where sample i of
     the shuffled batch on rank r is global sample ``perm[r * B + i]``. Pass ``idx_unshuffle`` to
-    :func:`batch_unshuffle` to undo it. Not distributed: returns (tensors, None).
+    :func:`batch_unshuffle` to undo it.
     """
     ws = world_size()
-    if ws == 1:
+    if ws == 1 and not in_process:
         return list(tensors), None
     gathered = [concat_all_gather(t) for t in tensors]
     total = gathered[0].shape[0]
-    device = gathered[0].device
-    perm = torch.randperm(total, device=device)
-    dist.broadcast(perm, src=0)  # every rank uses rank 0's permutation
+    perm = shuffle_permutation(total, gathered[0].device)
+    if ws > 1:
+        dist.broadcast(perm, src=0)  # every rank uses rank 0's permutation
     idx_unshuffle = torch.argsort(perm)
     idx_this = perm.view(ws, -1)[rank()]
     return [g[idx_this] for g in gathered], idx_unshuffle
@@ -93,7 +105,7 @@ def batch_unshuffle(tensor: torch.Tensor, idx_unshuffle: torch.Tensor | None) ->
     """Undo :func:`batch_shuffle` for an output computed on the shuffled batch.
 
     tensor: (B, ...) computed from this rank's shuffled samples  ->  (B, ...) in this rank's
-    original sample order. ``idx_unshuffle`` None (not distributed) returns ``tensor`` unchanged.
+    original sample order. ``idx_unshuffle`` None (nothing was shuffled) returns ``tensor``.
     """
     if idx_unshuffle is None:
         return tensor

@@ -7,6 +7,11 @@ For ReSim on SimSiam, Table 7 also gives per-level region MLPs on the pooled win
 projection C -> C -> C and prediction C -> C/4 -> C (C4: 1024 -> 256 -> 1024, C3: 512 -> 128 ->
 512), :class:`RegionSimSiamMLP`, whose batch norms count only the valid windows
 (:class:`MaskedBatchNorm1d`).
+
+One reading of Table 7 for every SimSiam MLP: each row lists input -> hidden -> output widths, and
+the depth is the one SimSiam specifies (the caption: "as specified in [7]"): 3 linear layers for a
+projection (C5 2048 -> 2048 -> 2048 and C4 1024 -> 1024 -> 1024 alike,
+``RESIM.SIMSIAM.PROJ_LAYERS``) and 2 for a prediction (2048 -> 512 -> 2048, 1024 -> 256 -> 1024).
 """
 
 from __future__ import annotations
@@ -15,6 +20,9 @@ import torch
 from torch import nn
 
 from detectron2.layers import get_norm
+from fvcore.nn.distributed import differentiable_all_reduce
+
+from .distributed import world_size
 
 __all__ = [
     "MoCoMLP",
@@ -72,26 +80,30 @@ class MoCoMLP(nn.Module):
 
 
 class SimSiamProjector(nn.Module):
-    """SimSiam's 3-layer projection: [Linear-BN-ReLU] x 2 -> Linear -> BN (no affine).
+    """SimSiam's projection: [Linear-BN-ReLU] x (num_layers - 1) -> Linear -> BN (no affine).
 
-    (B, in) -> (B, dim).
+    (B, in) -> (B, dim); ``num_layers`` 3 is SimSiam's ImageNet projector.
 
     Linear layers have no bias (each is followed by BN), as the official SimSiam code effectively
     does.
     """
 
-    def __init__(self, in_dim: int, dim: int = 2048, norm: str = "BN"):
+    def __init__(self, in_dim: int, dim: int = 2048, norm: str = "BN", num_layers: int = 3):
         super().__init__()
-        self.layers = nn.Sequential(
-            nn.Linear(in_dim, dim, bias=False),
-            norm_1d(norm, dim),
-            nn.ReLU(inplace=True),
-            nn.Linear(dim, dim, bias=False),
-            norm_1d(norm, dim),
-            nn.ReLU(inplace=True),
-            nn.Linear(dim, dim, bias=False),
+        if num_layers < 1:
+            raise ValueError(f"RESIM.SIMSIAM.PROJ_LAYERS must be >= 1, got {num_layers}")
+        layers = []
+        for i in range(num_layers - 1):
+            layers += [
+                nn.Linear(in_dim if i == 0 else dim, dim, bias=False),
+                norm_1d(norm, dim),
+                nn.ReLU(inplace=True),
+            ]
+        layers += [
+            nn.Linear(in_dim if num_layers == 1 else dim, dim, bias=False),
             norm_1d(norm, dim, affine=False),
-        )
+        ]
+        self.layers = nn.Sequential(*layers)
 
     def forward(self, x):
         return self.layers(x)
@@ -150,9 +162,14 @@ class MaskedBatchNorm1d(nn.BatchNorm1d):
     windows; padded rows must not enter the statistics (they are normalised too, and then ignored
     by the loss). No host synchronisation: the masked moments are weighted sums. Running statistics
     are updated as BatchNorm1d does (unbiased variance), and not at all for a batch with fewer than
-    two valid rows. The statistics are per process (not synchronised across GPUs). Computed and
+    two valid rows. With ``sync`` the statistics are those of the valid rows of all processes
+    (SyncBN, differentiable all-reduce of the masked sums); otherwise per process. Computed and
     returned in float32 at least (autocast's policy for batch norm).
     """
+
+    def __init__(self, num_features: int, *args, sync: bool = False, **kwargs):
+        super().__init__(num_features, *args, **kwargs)
+        self.sync = bool(sync)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         if mask is None or not self.training:
@@ -160,11 +177,21 @@ class MaskedBatchNorm1d(nn.BatchNorm1d):
         x = x.to(torch.promote_types(x.dtype, torch.float32))  # float32 at least, as autocast BN
         # moments as weighted sums with one matrix-vector product each: few kernels per call (the
         # SimSiam region MLPs call this 12 times a step)
-        n = mask.sum().to(x.dtype)
-        w = mask.to(x.dtype) / n.clamp_min(1.0)  # (R,) 1/n on valid rows, 0 on padding
-        mean = w @ x  # (C,)
-        xc = x - mean
-        var = w @ xc.square()  # biased, as batch norm normalises with
+        m = mask.to(x.dtype)
+        if self.sync and world_size() > 1:
+            # sums over every process's valid rows, one all-reduce: count, sum, sum of squares
+            C = x.shape[1]
+            sums = differentiable_all_reduce(torch.cat([m.sum()[None], m @ x, m @ x.square()]))
+            n = sums[0].detach()
+            mean = sums[1 : C + 1] / n.clamp_min(1.0)
+            var = (sums[C + 1 :] / n.clamp_min(1.0) - mean.square()).clamp_min(0.0)
+            xc = x - mean
+        else:
+            n = m.sum()
+            w = m / n.clamp_min(1.0)  # (R,) 1/n on valid rows, 0 on padding
+            mean = w @ x  # (C,)
+            xc = x - mean
+            var = w @ xc.square()  # biased, as batch norm normalises with
         if self.track_running_stats:
             with torch.no_grad():
                 mom = self.momentum if self.momentum is not None else 0.1
@@ -181,21 +208,36 @@ class MaskedBatchNorm1d(nn.BatchNorm1d):
 
 
 class RegionSimSiamMLP(nn.Module):
-    """Per-window MLP of ReSim on SimSiam (paper Table 7): Linear -> masked BN -> ReLU -> Linear
-    (-> masked BN without affine for a projection, as SimSiam's projector ends).
+    """Per-window MLP of ReSim on SimSiam (paper Table 7): [Linear -> masked BN -> ReLU] x
+    (num_layers - 1) -> Linear (-> masked BN without affine for a projection, as SimSiam's
+    projector ends).
 
-    ``forward(x (R, in_dim), mask (R,) bool) -> (R, out_dim)``. Projection: ``in -> in -> in``
-    (``final_norm=True``); prediction: ``in -> in/4 -> in`` (``final_norm=False``).
+    ``forward(x (R, in_dim), mask (R,) bool) -> (R, out_dim)``. Projection: ``in -> in -> in``,
+    3 layers as SimSiam's projector (``final_norm=True``); prediction: ``in -> in/4 -> in``, 2
+    layers (``final_norm=False``). ``sync``: batch statistics over all processes.
     """
 
-    def __init__(self, in_dim: int, hidden_dim: int, out_dim: int, final_norm: bool):
+    def __init__(
+        self,
+        in_dim: int,
+        hidden_dim: int,
+        out_dim: int,
+        final_norm: bool,
+        num_layers: int = 2,
+        sync: bool = False,
+    ):
         super().__init__()
-        self.fc1 = nn.Linear(in_dim, hidden_dim, bias=False)
-        self.bn1 = MaskedBatchNorm1d(hidden_dim)
+        if num_layers < 2:
+            raise ValueError(f"a region MLP has at least 2 layers, got {num_layers}")
+        dims = [in_dim] + [hidden_dim] * (num_layers - 1)
+        self.fcs = nn.ModuleList(nn.Linear(a, b, bias=False) for a, b in zip(dims[:-1], dims[1:]))
+        self.bns = nn.ModuleList(MaskedBatchNorm1d(hidden_dim, sync=sync) for _ in self.fcs)
         self.relu = nn.ReLU(inplace=True)
-        self.fc2 = nn.Linear(hidden_dim, out_dim, bias=not final_norm)
-        self.bn2 = MaskedBatchNorm1d(out_dim, affine=False) if final_norm else None
+        self.fc_out = nn.Linear(hidden_dim, out_dim, bias=not final_norm)
+        self.bn_out = MaskedBatchNorm1d(out_dim, affine=False, sync=sync) if final_norm else None
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        x = self.fc2(self.relu(self.bn1(self.fc1(x), mask)))
-        return self.bn2(x, mask) if self.bn2 is not None else x
+        for fc, bn in zip(self.fcs, self.bns):
+            x = self.relu(bn(fc(x), mask))
+        x = self.fc_out(x)
+        return self.bn_out(x, mask) if self.bn_out is not None else x

@@ -23,16 +23,21 @@ step), in ``model.last_metrics``: ``global/{pos_sim,neg_sim,acc_top1}`` (SimSiam
 call it after the step, e.g. from a hook's ``after_step``.
 
 Eval output (``model.eval()``), for the region-correspondence evaluator. Both views go through the
-query backbone in eval mode; region features are the raw backbone maps (no region head)::
+query backbone in eval mode; ``region_*`` are windows of the raw backbone maps, ``head_*`` of the
+query region head's output on them (what the region loss trains), for every windowed feature that
+has a region head other than the identity::
 
     {"region_q": {feature: (B, M, C) L2-normalised query-window features},
      "region_k": {feature: (B, M, C) L2-normalised key-window features},
+     "head_q":   {feature: (B, M, D) the same from the region head's output},
+     "head_k":   {feature: (B, M, D)},
      "valid":    {feature: (B, M) bool},
      "global_q": (B, C5) L2-normalised average-pooled res5 of the query view,
      "global_k": (B, C5) the same for the key view}
 
 Raw backbone features are what transfers to detectors, and they exist for the baselines as well, so
-MoCo-v2 and ReSim are compared on the same footing.
+MoCo-v2 and ReSim are compared on the same footing; the head's output shows what the objective
+itself learned.
 
 Encoder: detectron2's ``build_resnet_backbone`` (ReSim-C4; OUT_FEATURES must contain res4 and res5)
 or ``build_resnet_fpn_backbone`` (ReSim-FPN). For the FPN, :func:`backbone_features` runs
@@ -44,9 +49,18 @@ lowest used level) are kept with ``requires_grad=False`` so DDP needs no ``find_
 
 MoCo-v2: the key encoder (``backbone_k``, ``global_head_k``, ``region_heads_k``) is a copy of the
 query side updated by momentum at the start of the key computation of every training forward
-(θk <- m θk + (1 - m) θq), never by gradient. Keys go through shuffle-BN when ``RESIM.MOCO.BN`` is
-"shuffle" and more than one process runs; "sync" relies on SyncBN norms instead. The global keys of
-the whole batch (all ranks) are enqueued after the loss.
+(θk <- m θk + (1 - m) θq), never by gradient. With ``RESIM.BN_GROUP_IMAGES`` every plain batch norm
+of both encoders and the region heads is a
+:class:`~resim_d2.layers.group_batch_norm.GroupBatchNorm2d`: each group of that many images of a
+process (one GPU of the paper's 8 x 32) has its own statistics. The images of group g are rows
+``g*n .. g*n + n-1`` of the process's batch; they enter the encoders interleaved (row ``k`` in
+group ``k % G``, the order the layer normalises for free) and pooled outputs are put back. Keys go
+through shuffle-BN when ``RESIM.MOCO.BN`` is "shuffle" and the step has more than one group
+(processes x groups): the key images and their windows are permuted across processes and groups
+before the key encoder, and its outputs unpermuted. "sync" relies on SyncBN norms instead. A step
+normalised as one group leaks batch statistics from query to key encoder; the first training step
+then logs a warning (:meth:`ReSim.leaks_batch_statistics`). The global keys of the whole batch (all
+ranks) are enqueued after the loss.
 
 SimSiam: one encoder for both views, predictor on both, symmetric negative cosine loss with
 stop-gradient. Its region branch is the same region InfoNCE, the keys (key-view windows and
@@ -65,11 +79,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from detectron2.config import configurable
+from detectron2.layers import NaiveSyncBatchNorm
 from detectron2.modeling import META_ARCH_REGISTRY, build_backbone
 from detectron2.modeling.backbone import Backbone
 from detectron2.modeling.backbone.fpn import FPN
 from detectron2.utils.events import get_event_storage
 
+from ..layers.group_batch_norm import (
+    convert_group_batchnorm,
+    deinterleave_groups,
+    interleave_groups,
+    num_groups,
+)
 from . import distributed as dist_utils
 from .heads import (
     MoCoMLP,
@@ -202,6 +223,7 @@ class ReSim(nn.Module):
         momentum: float = 0.999,
         moco_temperature: float = 0.2,
         moco_bn: str = "shuffle",
+        bn_group_images: int = 0,
         amp_dtype: str = "",
         channels_last: bool = False,
         compile_encoders: bool = False,
@@ -230,6 +252,10 @@ class ReSim(nn.Module):
             region_temperature: τ of the region InfoNCE.
             global_loss_weight: λ.
             moco_dim, queue_size, momentum, moco_temperature, moco_bn: see ``RESIM.MOCO``.
+            bn_group_images: MoCo only: every ``BatchNorm2d`` of the encoders and region heads
+                normalises groups of this many images of the process separately (one GPU's batch
+                norm each) and shuffle-BN shuffles the keys across the groups; 0: one group per
+                process. See ``RESIM.BN_GROUP_IMAGES``.
             amp_dtype: "" (fp32) or "bfloat16" autocast around encoders and heads.
             channels_last: channels-last memory format for encoders and inputs.
             compile_encoders: torch.compile the encoder function (backbone + heads).
@@ -312,6 +338,11 @@ class ReSim(nn.Module):
         self.momentum = float(momentum)
         self.moco_temperature = float(moco_temperature)
         self.moco_bn = moco_bn
+        if bn_group_images < 0:
+            raise ValueError(f"RESIM.BN_GROUP_IMAGES must be >= 0, got {bn_group_images}")
+        self.bn_group_images = int(bn_group_images) if framework == "moco" else 0
+        # whether the first training step has checked for the batch-norm leak (see _check_leak)
+        self._leak_checked = False
         self.amp_dtype = _AMP_DTYPES[amp_dtype]
         self.channels_last = bool(channels_last)
         self.compile_encoders = bool(compile_encoders)
@@ -333,6 +364,10 @@ class ReSim(nn.Module):
                 "ReSim: FPN convs unused by pre-training kept frozen: %s", ", ".join(frozen)
             )
 
+        if self.bn_group_images:
+            # before the key encoder is copied from the query encoder, so both are converted
+            for module in (self.backbone, self.region_heads):
+                convert_group_batchnorm(module, self.bn_group_images)
         if framework == "moco":
             self.backbone_k = copy.deepcopy(self.backbone)
             self.global_head_k = copy.deepcopy(self.global_head)
@@ -389,7 +424,9 @@ class ReSim(nn.Module):
         if framework == "moco":
             global_head = MoCoMLP(g_in, r.MOCO.MLP_DIM, r.MOCO.DIM)
         elif framework == "simsiam":
-            global_head = SimSiamProjector(g_in, r.SIMSIAM.PROJ_DIM, rn.NORM)
+            global_head = SimSiamProjector(
+                g_in, r.SIMSIAM.PROJ_DIM, rn.NORM, num_layers=r.SIMSIAM.PROJ_LAYERS
+            )
             predictor = SimSiamPredictor(r.SIMSIAM.PROJ_DIM, r.SIMSIAM.PRED_HIDDEN_DIM, rn.NORM)
         else:
             raise ValueError(
@@ -406,18 +443,29 @@ class ReSim(nn.Module):
                 region_heads[f], region_dims[f] = build_region_head(
                     r.REGION.HEAD, shapes[f].channels, r.REGION.HEAD_DIM, rn.NORM
                 )
+        neg_groups = []
+        for f, g, gather in zip(
+            r.REGION.IN_FEATURES, r.REGION.NEG_GROUP_IMAGES, r.REGION.GATHER_NEGATIVES
+        ):
+            if g == -1 and gather:
+                raise ValueError(
+                    f"RESIM.REGION.NEG_GROUP_IMAGES for '{f}' is -1 (RESIM.BN_GROUP_IMAGES), but "
+                    "its GATHER_NEGATIVES is True: gathered negatives are one set; use 0"
+                )
+            neg_groups.append(r.BN_GROUP_IMAGES if g == -1 else g)
         region_mlps = nn.ModuleDict()
         cosine = framework == "simsiam" and r.SIMSIAM.REGION_LOSS.lower() == "cosine"
         if r.REGION.ENABLED and cosine:
+            # synchronised like the encoder's norms (SimSiam: SyncBN over the whole batch)
+            sync = rn.NORM in ("SyncBN", "naiveSyncBN", "nnSyncBN")
             for f in r.REGION.IN_FEATURES:
                 c = region_dims[f]
                 hidden = max(1, round(c * r.SIMSIAM.REGION_PRED_RATIO))
-                region_mlps[f] = nn.ModuleDict(
-                    {
-                        "proj": RegionSimSiamMLP(c, c, c, final_norm=True),
-                        "pred": RegionSimSiamMLP(c, hidden, c, final_norm=False),
-                    }
+                proj = RegionSimSiamMLP(
+                    c, c, c, final_norm=True, num_layers=r.SIMSIAM.PROJ_LAYERS, sync=sync
                 )
+                pred = RegionSimSiamMLP(c, hidden, c, final_norm=False, num_layers=2, sync=sync)
+                region_mlps[f] = nn.ModuleDict({"proj": proj, "pred": pred})
         return {
             "backbone": backbone,
             "global_head": global_head,
@@ -434,7 +482,7 @@ class ReSim(nn.Module):
             "region_loss_weights": r.REGION.LOSS_WEIGHTS,
             "neg_pool_kernels": r.REGION.NEG_POOL_KERNELS,
             "gather_negatives": r.REGION.GATHER_NEGATIVES,
-            "neg_group_images": r.REGION.NEG_GROUP_IMAGES,
+            "neg_group_images": neg_groups,
             "pooler_type": r.REGION.POOLER_TYPE,
             "region_temperature": r.REGION.TEMPERATURE,
             "global_loss_weight": r.GLOBAL.LOSS_WEIGHT,
@@ -443,6 +491,7 @@ class ReSim(nn.Module):
             "momentum": r.MOCO.MOMENTUM,
             "moco_temperature": r.MOCO.TEMPERATURE,
             "moco_bn": r.MOCO.BN,
+            "bn_group_images": r.BN_GROUP_IMAGES,
             "amp_dtype": r.SPEED.AMP_DTYPE,
             "channels_last": r.SPEED.CHANNELS_LAST,
             "compile_encoders": r.SPEED.COMPILE,
@@ -453,6 +502,13 @@ class ReSim(nn.Module):
     @property
     def device(self) -> torch.device:
         return self.pixel_mean.device
+
+    def fixed_lr_parameters(self) -> list[nn.Parameter]:
+        """SimSiam's predictors (global, and per level for ReSim on SimSiam): the parameters
+        ``RESIM.SIMSIAM.FIX_PRED_LR`` keeps at a fixed learning rate (resim_d2.solver)."""
+        modules = [self.predictor] if self.predictor is not None else []
+        modules += [mlps["pred"] for mlps in self.region_mlps.values()]
+        return [p for m in modules for p in m.parameters() if p.requires_grad]
 
     def encoder_backbone(self) -> Backbone:
         """The encoder to convert to detectron2 detectors: the query backbone (ResNet or FPN)."""
@@ -588,11 +644,17 @@ class ReSim(nn.Module):
             metrics[f"region_{f}/{name}"] = value
         metrics[f"region_{f}/valid_per_image"] = n_valid.detach() / num_images
 
-    def _region_loss(self, f, q_map, boxes_q, k_regions, negatives, valid, losses, metrics):
-        """Region InfoNCE of feature f; adds the loss to ``losses`` and its stats to ``metrics``."""
+    def _region_loss(
+        self, f, q_map, boxes_q, k_regions, negatives, valid, losses, metrics, groups=1
+    ):
+        """Region InfoNCE of feature f; adds the loss to ``losses`` and its stats to ``metrics``.
+
+        ``q_map`` holds the images in :func:`interleave_groups` order of ``groups`` (the order the
+        query encoder saw them in), everything else in the batch's order."""
         B = boxes_q.shape[0]
         scale = 1.0 / self.region_strides[f]
-        q = F.normalize(pool_regions(q_map, boxes_q, scale, self.pooler_type), dim=-1)
+        pooled = pool_regions(q_map, interleave_groups(boxes_q, groups), scale, self.pooler_type)
+        q = F.normalize(deinterleave_groups(pooled, groups), dim=-1)
         per_group = self.neg_group_images[f]
         if per_group and B > per_group and B % per_group:
             raise ValueError(
@@ -641,45 +703,112 @@ class ReSim(nn.Module):
             return self._forward_moco(batched_inputs)
         return self._forward_simsiam(batched_inputs)
 
+    def bn_groups(self, batch: int) -> int:
+        """Batch-norm groups per process at a per-process batch of ``batch`` images (MoCo's
+        ``RESIM.BN_GROUP_IMAGES``; 1 when the encoders have no grouped batch norm)."""
+        if not self.bn_group_images:
+            return 1
+        return num_groups(batch, self.bn_group_images)
+
+    def leaks_batch_statistics(self, batch: int, world: int | None = None) -> bool:
+        """Whether a MoCo step at ``batch`` images per process on ``world`` processes normalises
+        the whole step as one group: the key encoder's batch norms then see the statistics of
+        exactly the query encoder's images (the leak shuffle-BN exists to remove). ``RESIM.MOCO.BN``
+        "sync" (synchronised norms by choice) is not counted."""
+        if self.framework != "moco" or self.moco_bn != "shuffle":
+            return False
+        world = dist_utils.world_size() if world is None else world
+        per_process, synced = False, False
+        for module in (self.backbone, self.region_heads):
+            for m in module.modules():
+                if isinstance(m, (nn.SyncBatchNorm, NaiveSyncBatchNorm)):
+                    synced = True
+                elif isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    per_process = True
+        if synced:  # one set of statistics over all processes, whatever the shuffle
+            return True
+        return per_process and world * self.bn_groups(batch) == 1
+
+    def _check_leak(self, batch: int):
+        """Warn once, at the first training step, when batch statistics leak (see above)."""
+        if self._leak_checked:
+            return
+        self._leak_checked = True
+        if self.leaks_batch_statistics(batch):
+            world = dist_utils.world_size()
+            logger.warning(
+                "ReSim (MoCo): every batch norm of this step normalises all %d images as one "
+                "group (%d process(es), RESIM.BN_GROUP_IMAGES %d), so shuffle-BN has nothing to "
+                "shuffle across and the key encoder's batch statistics are those of the query "
+                "encoder's own images: the intra-batch leak shuffle-BN exists to remove (it "
+                "makes the contrastive task easier than intended). Set RESIM.BN_GROUP_IMAGES to "
+                "a divisor of the per-process batch below it (the paper: 32 images per GPU) with "
+                "plain batch norm (MODEL.RESNETS.NORM 'BN'), or use RESIM.MOCO.BN 'sync' with "
+                "MODEL.RESNETS.NORM 'SyncBN'.",
+                batch * world,
+                world,
+                self.bn_group_images,
+            )
+
     def _forward_moco(self, batched_inputs):
         x_q = self._images(batched_inputs, "image_q")
         x_k = self._images(batched_inputs, "image_k")
         windows = self._windows(batched_inputs) if self.region_enabled else {}
         encode = self._encoder_fn()
+        B = x_q.shape[0]
+        groups = self.bn_groups(B)  # batch-norm groups in this process (virtual GPUs)
+        self._check_leak(B)
 
+        # the query encoder sees the images of group g at rows k % groups == g (GroupBatchNorm2d)
         with self._autocast():
-            q_vec, q_maps = encode(self.backbone, self.global_head, self.region_heads, x_q)
-        q = F.normalize(q_vec.float(), dim=1)
+            q_vec, q_maps = encode(
+                self.backbone, self.global_head, self.region_heads, interleave_groups(x_q, groups)
+            )
+        q = F.normalize(deinterleave_groups(q_vec, groups).float(), dim=1)
 
         with torch.no_grad():
             self.momentum_update()
             feats = list(windows)
-            shuffle = self.moco_bn == "shuffle" and dist_utils.world_size() > 1
             boxes_k = [windows[f][1] for f in feats]
-            if shuffle:
-                (x_k, *boxes_k), idx_unshuffle = dist_utils.batch_shuffle([x_k, *boxes_k])
-            else:
-                idx_unshuffle = None
+            # shuffle-BN: keys permuted across processes and/or this process's groups, with
+            # their windows, then put in group order; outputs undo both
+            idx_unshuffle = None
+            if self.moco_bn == "shuffle" and (dist_utils.world_size() > 1 or groups > 1):
+                (x_k, *boxes_k), idx_unshuffle = dist_utils.batch_shuffle(
+                    [x_k, *boxes_k], in_process=True
+                )
+
+            def unshuffle(t):
+                return dist_utils.batch_unshuffle(deinterleave_groups(t, groups), idx_unshuffle)
+
             with self._autocast():
                 k_vec, k_maps = encode(
-                    self.backbone_k, self.global_head_k, self.region_heads_k, x_k
+                    self.backbone_k,
+                    self.global_head_k,
+                    self.region_heads_k,
+                    interleave_groups(x_k, groups),
                 )
-            k = dist_utils.batch_unshuffle(F.normalize(k_vec.float(), dim=1), idx_unshuffle)
+            k = unshuffle(F.normalize(k_vec.float(), dim=1))
             k_regions, negatives = {}, {}
             for f, bk in zip(feats, boxes_k):
                 k_map = k_maps[f].float()
-                kr = pool_regions(k_map, bk, 1.0 / self.region_strides[f], self.pooler_type)
-                k_regions[f] = dist_utils.batch_unshuffle(F.normalize(kr, dim=-1), idx_unshuffle)
-                if self.gather_negatives[f] or idx_unshuffle is None:
+                kr = pool_regions(
+                    k_map,
+                    interleave_groups(bk, groups),
+                    1.0 / self.region_strides[f],
+                    self.pooler_type,
+                )
+                k_regions[f] = unshuffle(F.normalize(kr, dim=-1))
+                if self.gather_negatives[f] or (idx_unshuffle is None and groups == 1):
                     # a gathered set is the same whatever the order, so no unshuffle is needed
                     negatives[f] = region_negatives(
                         k_map, self.neg_pool_kernels[f], self.gather_negatives[f]
                     )
-                else:  # per-rank negatives must come from this rank's own images
+                else:  # per-group negatives must come from the group's own images
                     neg = region_negatives(k_map, self.neg_pool_kernels[f]).view(
                         k_map.shape[0], -1, k_map.shape[1]
                     )
-                    negatives[f] = dist_utils.batch_unshuffle(neg, idx_unshuffle).flatten(0, 1)
+                    negatives[f] = unshuffle(neg).flatten(0, 1)
 
         out = {}
         loss_g, stats = global_infonce(q, k, self.queue.clone(), self.moco_temperature)
@@ -687,7 +816,9 @@ class ReSim(nn.Module):
         metrics = {f"global/{n}": v for n, v in stats.items()}
         for f in windows:
             bq, _, valid = windows[f]
-            self._region_loss(f, q_maps[f], bq, k_regions[f], negatives[f], valid, out, metrics)
+            self._region_loss(
+                f, q_maps[f], bq, k_regions[f], negatives[f], valid, out, metrics, groups
+            )
         self.dequeue_and_enqueue(k)
         self.last_metrics = metrics
         return out
@@ -748,6 +879,8 @@ class ReSim(nn.Module):
         out = {
             "region_q": {},
             "region_k": {},
+            "head_q": {},
+            "head_k": {},
             "valid": {},
             "global_q": F.normalize(fq[self.global_in_feature].float().mean(dim=(2, 3)), dim=1),
             "global_k": F.normalize(fk[self.global_in_feature].float().mean(dim=(2, 3)), dim=1),
@@ -761,4 +894,12 @@ class ReSim(nn.Module):
                 pool_regions(fk[f], bk, scale, self.pooler_type), dim=-1
             )
             out["valid"][f] = valid
+            head = self.region_heads[f] if f in self.region_heads else None
+            if head is not None and not isinstance(head, nn.Identity):
+                with self._autocast():
+                    hq, hk = head(fq[f]), head(fk[f])
+                for key, h, boxes in (("head_q", hq, bq), ("head_k", hk, bk)):
+                    out[key][f] = F.normalize(
+                        pool_regions(h, boxes, scale, self.pooler_type), dim=-1
+                    )
         return out
