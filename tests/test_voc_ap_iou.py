@@ -84,11 +84,9 @@ def test_shrunk_boxes_give_ap_from_closed_form_iou(synthetic_voc, tmp_path):
 def test_registered_for_pascal_voc(synthetic_voc, tmp_path):
     from resim_d2.config import add_resim_config
     from resim_d2.evaluation import build_evaluator
-    from resim_d2.evaluation.voc_ap_iou import register
 
     from detectron2.config import get_cfg
 
-    register()
     cfg = add_resim_config(get_cfg())
     cfg.RESIM.EVALUATOR = "pascal_voc"  # register_pascal_voc sets no evaluator_type
     ev = build_evaluator(cfg, synthetic_voc[1], str(tmp_path))

@@ -29,7 +29,6 @@ __all__ = [
     "IOU_THRESHOLDS_PERCENT",
     "JSON_NAME",
     "PascalVOCDetectionEvaluatorAllIoU",
-    "register",
 ]
 
 # IoU thresholds in percent, as detectron2's VOC evaluator loops over them.
@@ -121,13 +120,3 @@ class PascalVOCDetectionEvaluatorAllIoU(PascalVOCDetectionEvaluator):
         with PathManager.open(path, "w") as f:
             json.dump(record, f, indent=2)
         self._logger.info(f"AP per IoU threshold written to {path}")
-
-
-def register():
-    """Make this the evaluator of datasets whose ``evaluator_type`` is "pascal_voc"."""
-    from .build import register_evaluator
-
-    register_evaluator(
-        "pascal_voc",
-        lambda cfg, name, out: PascalVOCDetectionEvaluatorAllIoU(name, output_dir=out),
-    )
