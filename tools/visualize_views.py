@@ -124,7 +124,7 @@ def main(argv=None):
     cfg.merge_from_list(args.opts)
     mapper = TwoViewMapper(cfg, is_train=True)
     if args.no_color:
-        mapper.color_augment = None
+        mapper.view_params.color_augment = None
     try:
         image = load_rgb_image(args.image)
     except ImageLoadError as e:

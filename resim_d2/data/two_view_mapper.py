@@ -15,11 +15,17 @@ from detectron2.utils import comm
 
 from .color_augment import MoCoV2ColorAugment
 from .image_io import ImageLoadError, load_rgb_image
-from .view_params import ViewParamSampler
+from .view_params import ViewParamSampler, view_params_from_config
 
 __all__ = ["TwoViewMapper", "render_view"]
 
 logger = logging.getLogger(__name__)
+
+# ViewParamSampler attributes a mapper exposes as its own (tools and logs read them there)
+_SAMPLER_SETTINGS = frozenset(
+    {"view_size", "windows", "num_windows", "scale", "ratio", "flip_prob", "color_augment"}
+    | {"placement"}
+)
 
 
 def render_view(image: Image.Image, crop: Sequence[float], flip: bool, size: int) -> Image.Image:
@@ -56,7 +62,7 @@ def _to_uint8_chw(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(np.asarray(image).transpose(2, 0, 1)))
 
 
-class TwoViewMapper(ViewParamSampler):
+class TwoViewMapper:
     """Map a dataset record to two augmented views of its image and the windows they share.
 
     Input: a detectron2 dataset dict with ``"file_name"`` (and optionally ``"image_id"``).
@@ -76,6 +82,9 @@ class TwoViewMapper(ViewParamSampler):
     * ``"num_skipped"``: records this mapper (in this worker) skipped since its previous output; the
       sum over all outputs is the number of skipped records, across workers. ``"skipped"``: the
       ``(file_name, reason)`` of each, for the run's log (:mod:`resim_d2.data.skip_report`).
+
+    The random parameters of each pair come from :attr:`view_params`, a
+    :class:`~.view_params.ViewParamSampler` (the GPU view path draws through the same class).
 
     Skipped files are logged as warnings, unless ``log_skips`` is False (the training loaders set
     it: they report the files with the batches, so that the run's log gets them once, whichever
@@ -118,7 +127,7 @@ class TwoViewMapper(ViewParamSampler):
             max_consecutive_skips: this many unusable records in a row stop the run with an error
                 (the dataset is probably unreadable).
         """
-        super().__init__(
+        self.view_params = ViewParamSampler(
             windows=windows,
             view_size=view_size,
             scale=scale,
@@ -142,53 +151,23 @@ class TwoViewMapper(ViewParamSampler):
 
     @classmethod
     def from_config(cls, cfg, is_train: bool = True):
-        views, region = cfg.RESIM.VIEWS, cfg.RESIM.REGION
-        windows = {}
-        # evaluation always gets windows, so a baseline without region branch can be scored too
-        if region.ENABLED or not is_train:
-            if (
-                not len(region.IN_FEATURES)
-                == len(region.WINDOW_SIZES)
-                == len(region.WINDOW_STRIDES)
-            ):
-                raise ValueError(
-                    "RESIM.REGION.IN_FEATURES, WINDOW_SIZES and WINDOW_STRIDES must have the same "
-                    f"length, got {region.IN_FEATURES}, {region.WINDOW_SIZES}, "
-                    f"{region.WINDOW_STRIDES}"
-                )
-            windows = {
-                f: (w, s)
-                for f, w, s in zip(region.IN_FEATURES, region.WINDOW_SIZES, region.WINDOW_STRIDES)
-            }
-        color = None
-        if is_train:
-            color = MoCoV2ColorAugment(
-                jitter=views.COLOR_JITTER,
-                jitter_prob=views.COLOR_JITTER_PROB,
-                grayscale_prob=views.GRAYSCALE_PROB,
-                blur_sigma=views.BLUR_SIGMA,
-                blur_prob=views.BLUR_PROB,
-            )
+        views = cfg.RESIM.VIEWS
         return {
-            "windows": windows,
-            "view_size": views.SIZE,
-            "scale": views.SCALE,
-            "ratio": views.RATIO,
-            "flip_prob": views.FLIP_PROB,
-            "color_augment": color,
-            "placement": views.WINDOW_PLACEMENT,
+            **view_params_from_config(cfg, is_train),
             "is_train": is_train,
             "seed": cfg.SEED if cfg.SEED >= 0 else None,
             "max_consecutive_skips": views.get("MAX_CONSECUTIVE_SKIPS", 100),
         }
 
+    def __getattr__(self, name):
+        """The sampler's settings (``view_size``, ``windows``, ``num_windows``, ``scale``,
+        ``ratio``, ``flip_prob``, ``color_augment``, ``placement``), read through the mapper."""
+        if name in _SAMPLER_SETTINGS and "view_params" in self.__dict__:
+            return getattr(self.__dict__["view_params"], name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
     def __repr__(self):
-        return (
-            f"{type(self).__name__}(view_size={self.view_size}, scale={self.scale}, "
-            f"ratio={self.ratio}, flip_prob={self.flip_prob}, windows={self.windows}, "
-            f"placement={self.placement!r}, color_augment={self.color_augment}, "
-            f"is_train={self.is_train})"
-        )
+        return f"{type(self).__name__}({self.view_params!r}, is_train={self.is_train})"
 
     # ------------------------------------------------------------------ randomness
     def _process_rng(self) -> np.random.Generator:
@@ -258,13 +237,14 @@ class TwoViewMapper(ViewParamSampler):
     def make_views(self, image: Image.Image, rng: np.random.Generator) -> dict:
         """Views and windows of an RGB PIL image (no file-name fields); see the class docstring."""
         size = self.view_size
-        p = self.sample(rng, (image.height, image.width))
+        p = self.view_params.sample(rng, (image.height, image.width))
         crop_q, crop_k, flip = p["crop_q"], p["crop_k"], p["flip"]
         view_q = render_view(image, crop_q, flip, size)
         view_k = render_view(image, crop_k, flip, size)
-        if self.color_augment is not None:
-            view_q = self.color_augment.apply(view_q, p["color"][0])
-            view_k = self.color_augment.apply(view_k, p["color"][1])
+        color_augment = self.view_params.color_augment
+        if color_augment is not None:
+            view_q = color_augment.apply(view_q, p["color"][0])
+            view_k = color_augment.apply(view_k, p["color"][1])
         windows = {}
         for name, (boxes_q, boxes_k, valid) in p["windows"].items():
             windows[name] = {

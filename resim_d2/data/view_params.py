@@ -1,8 +1,8 @@
 """The random parameters of a view pair: crops, flip, per-view colour, and the matched windows.
 
-One place draws them, in one order, for both pipelines: :class:`~.two_view_mapper.TwoViewMapper`
-(PIL, in dataloader workers) renders from them, and the GPU path (:mod:`.gpu_views`) ships them to
-the device. Pure NumPy: nothing here touches pixels.
+One place draws them, in one order, for both pipelines: ``TwoViewMapper`` (PIL, in dataloader
+workers) renders from them, and the GPU path ships them to the device. Pure NumPy: nothing here
+touches pixels.
 """
 
 from __future__ import annotations
@@ -14,7 +14,47 @@ import numpy as np
 from .color_augment import MoCoV2ColorAugment, sample_color_params
 from .view_geometry import PLACEMENTS, make_windows, sample_view_pair, windows_per_axis
 
-__all__ = ["ViewParamSampler"]
+__all__ = ["ViewParamSampler", "view_params_from_config"]
+
+
+def view_params_from_config(cfg, is_train: bool = True) -> dict:
+    """:class:`ViewParamSampler`'s keyword arguments from ``cfg.RESIM.VIEWS`` and ``.REGION``.
+
+    Training draws colour parameters (MoCo v2's augmentation) and windows only when the region
+    branch is on; evaluation (``is_train=False``) has no colour augmentation and always windows,
+    so that a baseline without region branch can be scored on the same windows.
+    """
+    views, region = cfg.RESIM.VIEWS, cfg.RESIM.REGION
+    windows = {}
+    if region.ENABLED or not is_train:
+        if not len(region.IN_FEATURES) == len(region.WINDOW_SIZES) == len(region.WINDOW_STRIDES):
+            raise ValueError(
+                "RESIM.REGION.IN_FEATURES, WINDOW_SIZES and WINDOW_STRIDES must have the same "
+                f"length, got {region.IN_FEATURES}, {region.WINDOW_SIZES}, "
+                f"{region.WINDOW_STRIDES}"
+            )
+        windows = {
+            f: (w, s)
+            for f, w, s in zip(region.IN_FEATURES, region.WINDOW_SIZES, region.WINDOW_STRIDES)
+        }
+    color = None
+    if is_train:
+        color = MoCoV2ColorAugment(
+            jitter=views.COLOR_JITTER,
+            jitter_prob=views.COLOR_JITTER_PROB,
+            grayscale_prob=views.GRAYSCALE_PROB,
+            blur_sigma=views.BLUR_SIGMA,
+            blur_prob=views.BLUR_PROB,
+        )
+    return {
+        "windows": windows,
+        "view_size": views.SIZE,
+        "scale": views.SCALE,
+        "ratio": views.RATIO,
+        "flip_prob": views.FLIP_PROB,
+        "color_augment": color,
+        "placement": views.WINDOW_PLACEMENT,
+    }
 
 
 class ViewParamSampler:
@@ -52,13 +92,9 @@ class ViewParamSampler:
         }
 
     @classmethod
-    def from_config(cls, cfg) -> ViewParamSampler:
-        """The training parameters of ``TwoViewMapper(cfg, is_train=True)``, read the same way."""
-        from .two_view_mapper import TwoViewMapper
-
-        kw = TwoViewMapper.from_config(cfg, is_train=True)
-        keys = ("windows", "view_size", "scale", "ratio", "flip_prob", "color_augment", "placement")
-        return cls(**{k: kw[k] for k in keys})
+    def from_config(cls, cfg, is_train: bool = True) -> ViewParamSampler:
+        """The sampler of ``TwoViewMapper(cfg, is_train)`` (see :func:`view_params_from_config`)."""
+        return cls(**view_params_from_config(cfg, is_train))
 
     def __repr__(self):
         return (
