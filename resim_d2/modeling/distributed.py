@@ -1,5 +1,8 @@
 """Collective helpers for ReSim pre-training: gathers without gradient and MoCo's shuffle-BN.
 
+What ``detectron2.utils.comm`` lacks: its gathers move picklable objects, these move tensors with
+collectives. World size and rank are comm's.
+
 Every helper is a no-op (returns its input unchanged) when ``torch.distributed`` is unavailable, not
 initialised, or has a single process, so the model runs unchanged in one process. The collectives
 used (``all_gather``, ``all_reduce``, ``broadcast``) exist in both NCCL and gloo, so the helpers
@@ -14,6 +17,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from detectron2.utils.comm import get_rank, get_world_size
+
 __all__ = [
     "world_size",
     "rank",
@@ -24,19 +29,9 @@ __all__ = [
     "shuffle_permutation",
 ]
 
-
-def world_size() -> int:
-    """Number of processes in the default group; 1 when not distributed."""
-    if not dist.is_available() or not dist.is_initialized():
-        return 1
-    return dist.get_world_size()
-
-
-def rank() -> int:
-    """Rank of this process in the default group; 0 when not distributed."""
-    if not dist.is_available() or not dist.is_initialized():
-        return 0
-    return dist.get_rank()
+# detectron2's (1 and 0 when not distributed), under the names this module has always exported
+world_size = get_world_size
+rank = get_rank
 
 
 @torch.no_grad()
@@ -46,7 +41,7 @@ def concat_all_gather(tensor: torch.Tensor) -> torch.Tensor:
     tensor: (N, ...) with the same shape on every rank  ->  (world_size * N, ...).
     Returns ``tensor`` itself when not distributed.
     """
-    ws = world_size()
+    ws = get_world_size()
     if ws == 1:
         return tensor
     tensor = tensor.contiguous()
@@ -58,7 +53,7 @@ def concat_all_gather(tensor: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
     """Mean of ``tensor`` over ranks (a new tensor; no gradient). Identity when not distributed."""
-    ws = world_size()
+    ws = get_world_size()
     if ws == 1:
         return tensor
     out = tensor.detach().clone()
@@ -87,7 +82,7 @@ def batch_shuffle(
     the shuffled batch on rank r is global sample ``perm[r * B + i]``. Pass ``idx_unshuffle`` to
     :func:`batch_unshuffle` to undo it.
     """
-    ws = world_size()
+    ws = get_world_size()
     if ws == 1 and not in_process:
         return list(tensors), None
     gathered = [concat_all_gather(t) for t in tensors]
@@ -96,7 +91,7 @@ def batch_shuffle(
     if ws > 1:
         dist.broadcast(perm, src=0)  # every rank uses rank 0's permutation
     idx_unshuffle = torch.argsort(perm)
-    idx_this = perm.view(ws, -1)[rank()]
+    idx_this = perm.view(ws, -1)[get_rank()]
     return [g[idx_this] for g in gathered], idx_unshuffle
 
 
@@ -109,7 +104,7 @@ def batch_unshuffle(tensor: torch.Tensor, idx_unshuffle: torch.Tensor | None) ->
     """
     if idx_unshuffle is None:
         return tensor
-    ws = world_size()
+    ws = get_world_size()
     gathered = concat_all_gather(tensor)
-    idx_this = idx_unshuffle.view(ws, -1)[rank()]
+    idx_this = idx_unshuffle.view(ws, -1)[get_rank()]
     return gathered[idx_this]

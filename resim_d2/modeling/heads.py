@@ -20,9 +20,8 @@ import torch
 from torch import nn
 
 from detectron2.layers import get_norm
+from detectron2.utils.comm import get_world_size
 from fvcore.nn.distributed import differentiable_all_reduce
-
-from .distributed import world_size
 
 __all__ = [
     "MoCoMLP",
@@ -178,7 +177,7 @@ class MaskedBatchNorm1d(nn.BatchNorm1d):
         # moments as weighted sums with one matrix-vector product each: few kernels per call (the
         # SimSiam region MLPs call this 12 times a step)
         m = mask.to(x.dtype)
-        if self.sync and world_size() > 1:
+        if self.sync and get_world_size() > 1:
             # sums over every process's valid rows, one all-reduce: count, sum, sum of squares
             C = x.shape[1]
             sums = differentiable_all_reduce(torch.cat([m.sum()[None], m @ x, m @ x.square()]))

@@ -83,6 +83,7 @@ from detectron2.layers import NaiveSyncBatchNorm
 from detectron2.modeling import META_ARCH_REGISTRY, build_backbone
 from detectron2.modeling.backbone import Backbone
 from detectron2.modeling.backbone.fpn import FPN
+from detectron2.utils import comm
 from detectron2.utils.events import get_event_storage
 
 from ..layers.group_batch_norm import (
@@ -634,7 +635,7 @@ class ReSim(nn.Module):
         """(valid windows here, the loss normaliser): the mean over processes of the valid count,
         so that the DDP-averaged gradient is that of the mean over the global batch's windows."""
         n_valid = valid.float().sum()
-        denom = dist_utils.all_reduce_mean(n_valid).clamp_min(1.0 / dist_utils.world_size())
+        denom = dist_utils.all_reduce_mean(n_valid).clamp_min(1.0 / comm.get_world_size())
         return n_valid, denom
 
     def _put_region(self, f, loss, stats, n_valid, num_images, losses, metrics):
@@ -717,7 +718,7 @@ class ReSim(nn.Module):
         "sync" (synchronised norms by choice) is not counted."""
         if self.framework != "moco" or self.moco_bn != "shuffle":
             return False
-        world = dist_utils.world_size() if world is None else world
+        world = comm.get_world_size() if world is None else world
         per_process, synced = False, False
         for module in (self.backbone, self.region_heads):
             for m in module.modules():
@@ -735,7 +736,7 @@ class ReSim(nn.Module):
             return
         self._leak_checked = True
         if self.leaks_batch_statistics(batch):
-            world = dist_utils.world_size()
+            world = comm.get_world_size()
             logger.warning(
                 "ReSim (MoCo): every batch norm of this step normalises all %d images as one "
                 "group (%d process(es), RESIM.BN_GROUP_IMAGES %d), so shuffle-BN has nothing to "
@@ -773,7 +774,7 @@ class ReSim(nn.Module):
             # shuffle-BN: keys permuted across processes and/or this process's groups, with
             # their windows, then put in group order; outputs undo both
             idx_unshuffle = None
-            if self.moco_bn == "shuffle" and (dist_utils.world_size() > 1 or groups > 1):
+            if self.moco_bn == "shuffle" and (comm.get_world_size() > 1 or groups > 1):
                 (x_k, *boxes_k), idx_unshuffle = dist_utils.batch_shuffle(
                     [x_k, *boxes_k], in_process=True
                 )
