@@ -187,20 +187,19 @@ def _probe(name, shape):
 
 
 def grad_fingerprint(model):
-    """{top-level submodule: [gradient norm, sum of gradient x probe]} over its parameters."""
-    out = {}
-    for top, module in model.named_children():
-        sq, dot, n = 0.0, 0.0, 0
-        for name, p in module.named_parameters():
-            if p.grad is None:
-                continue
-            g = p.grad.detach().double()
-            sq += float((g * g).sum())
-            dot += float((g * _probe(f"{top}.{name}", g.shape)).sum())
-            n += 1
-        if n:
-            out[top] = [sq**0.5, dot]
-    return out
+    """{top-level submodule: [gradient norm, sum of gradient x probe]} over its parameters.
+
+    Submodules are the first component of the parameter names (``backbone``, ``global_head``,
+    ...), which a refactoring keeps so that checkpoints load unchanged."""
+    acc = {}
+    for name, p in model.named_parameters():
+        if p.grad is None:
+            continue
+        g = p.grad.detach().double()
+        sq_dot = acc.setdefault(name.split(".")[0], [0.0, 0.0])
+        sq_dot[0] += float((g * g).sum())
+        sq_dot[1] += float((g * _probe(name, g.shape)).sum())
+    return {top: [sq**0.5, dot] for top, (sq, dot) in acc.items()}
 
 
 def train_steps(model, batches):
