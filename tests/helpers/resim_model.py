@@ -14,8 +14,9 @@ S = 64  # view side used by these tests
 
 
 def tiny_resim_cfg(arch="c4", framework="moco", region=True):
-    """A ReSim pre-training config built in code: ResNet-18 encoders, narrow heads, 64-px views,
-    batch 4, on the CPU; ``arch`` "c4" (region loss on res4) or "fpn" (on p3 and p4)."""
+    """A ReSim pre-training config built in code: ResNet-18 encoders, narrow heads, batch 4, on
+    the CPU, windows sized for :func:`make_batch`'s S-px views; ``arch`` "c4" (region loss on res4)
+    or "fpn" (on p3 and p4)."""
     cfg = get_cfg()
     add_resim_config(cfg)
     cfg.MODEL.META_ARCHITECTURE = "ReSim"
@@ -108,7 +109,9 @@ def total_loss(out):
 
 
 def tiny_resim_gn_cfg():
-    """GroupNorm makes each key independent of which images share its batch, so shuffle-BN must
+    """:func:`tiny_resim_cfg` "fpn" with GroupNorm, p3's negatives per 2 images, p4's gathered.
+
+    GroupNorm makes each key independent of which images share its batch, so shuffle-BN must
     leave every loss unchanged and a 2-process run must match one process on the gathered terms."""
     cfg = tiny_resim_cfg("fpn")
     cfg.MODEL.RESNETS.NORM = "GN"
