@@ -7,7 +7,7 @@ import signal
 
 import pytest
 import torch
-from train_net_runs import DEMO_CONFIG, TINY, metrics, train_net
+from helpers.train_net_runner import DEMO_CONFIG, TINY, metrics, train_net
 
 from resim_d2.checkpoint import CheckpointReadError, ResumableCheckpointer
 

@@ -6,8 +6,8 @@ import os
 
 import numpy as np
 import pytest
+from helpers.train_net_runner import REPO, TINY, train_net
 from PIL import Image
-from train_net_runs import REPO, TINY, train_net
 
 from resim_d2 import add_resim_config, get_config_file
 from resim_d2.config_checks import ConfigError, check_config, config_problems

@@ -36,7 +36,7 @@ def path_of(name):
     return os.path.join(REPO, "configs", "finetune", name)
 
 
-def tiny_cfg(name, opts=()):
+def tiny_finetune_cfg(name, opts=()):
     """The config with a ResNet-18 trunk and narrow heads, on the CPU."""
     cfg = get_cfg()
     add_resim_config(cfg)
@@ -69,7 +69,7 @@ def full_cfg(name):
 def test_every_config_builds_and_runs_inference(name):
     if required_projects(path_of(name)) and not HAS_DENSEPOSE:
         pytest.skip("DensePose project not installed (see the missing-project test)")
-    cfg = tiny_cfg(name)
+    cfg = tiny_finetune_cfg(name)
     model = build_model(cfg).eval()
     image = torch.randint(0, 256, (3, 64, 96), dtype=torch.uint8)
     (out,) = model([{"image": image, "height": 64, "width": 96}])
@@ -151,7 +151,9 @@ def test_full_size_voc_detector_is_r50_c4_with_syncbn():
 # ------------------------------------------------------------------------- the res5 head
 @torch.no_grad()
 def test_res5_head_has_the_extra_norm():
-    model = build_model(tiny_cfg("voc_R50_C4_24k.yaml", ["MODEL.RESNETS.NORM", "BN"])).eval()
+    model = build_model(
+        tiny_finetune_cfg("voc_R50_C4_24k.yaml", ["MODEL.RESNETS.NORM", "BN"])
+    ).eval()
     head = model.roi_heads
     assert isinstance(head, Res5ROIHeadsExtraNorm)
     names = [n for n, _ in head.res5.named_children()]
@@ -174,7 +176,7 @@ def train_two_steps(name, train_set):
         "MODEL.RPN.BATCH_SIZE_PER_IMAGE", 32, "MODEL.RPN.POST_NMS_TOPK_TRAIN", 64,
         "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", 16, "DATALOADER.NUM_WORKERS", 0, "SEED", 0,
     ]  # fmt: skip
-    cfg = tiny_cfg(name, opts)
+    cfg = tiny_finetune_cfg(name, opts)
     torch.manual_seed(0)
     model = build_model(cfg)
     model.train()
@@ -266,7 +268,7 @@ def test_synthetic_coco_rle_masks_are_the_drawn_shapes(tmp_path):
             ref = polygons_to_bitmask(pa["segmentation"], h, w)
             iou = (drawn & ref).sum() / (drawn | ref).sum()
             assert iou > 0.85, iou
-    cfg = tiny_cfg("Base-RCNN-FPN-BN.yaml", ["INPUT.MASK_FORMAT", "bitmask"])
+    cfg = tiny_finetune_cfg("Base-RCNN-FPN-BN.yaml", ["INPUT.MASK_FORMAT", "bitmask"])
     rec = dict(rle[0], file_name=str(tmp_path / "rle" / "train" / rle[0]["file_name"]))
     out = DatasetMapper(cfg, is_train=True)(rec)
     assert isinstance(out["instances"].gt_masks, BitMasks)

@@ -9,11 +9,11 @@ import os
 import numpy as np
 import pytest
 import torch
+from helpers.images import write_bad_files
+from helpers.resim_model import tiny_resim_cfg
+from helpers.view_geometry import released_grid_valid, smooth_image
 from PIL import Image, ImageFilter
 from scipy import stats
-from test_image_io import write_bad_files
-from test_resim_model import tiny_cfg
-from test_view_geometry import released_grid_valid, smooth_image
 
 from resim_d2 import add_resim_config
 from resim_d2.data import gpu_views
@@ -86,7 +86,7 @@ def records(tmp_path_factory):
 
 def make_cfg(batch=8, decode="worker"):
     """tiny_cfg's ReSim-FPN (p3 16/12, p4 32/16) with S = 64 views and the GPU view path."""
-    cfg = tiny_cfg("fpn")
+    cfg = tiny_resim_cfg("fpn")
     cfg.RESIM.VIEWS.SIZE = S
     cfg.RESIM.VIEWS.BACKEND = "gpu"
     cfg.RESIM.GPU_VIEWS.DECODE = decode

@@ -1,82 +1,11 @@
 """Robust loading: every odd file is converted to upright 8-bit RGB or refused with its name."""
 
-import io
-import os
-
 import numpy as np
 import pytest
+from helpers.images import gradient_image, write_bad_files, write_convertible_files
 from PIL import Image
 
 from resim_d2.data.image_io import ImageLoadError, is_image_file, load_rgb_image
-
-
-def _gradient(h=60, w=90):
-    y, x = np.mgrid[0:h, 0:w]
-    return np.stack([x * 255 // (w - 1), y * 255 // (h - 1), (x + y) % 256], -1).astype(np.uint8)
-
-
-def _jpeg_bytes(array, **kw):
-    buf = io.BytesIO()
-    Image.fromarray(array).save(buf, "JPEG", quality=95, **kw)
-    return buf.getvalue()
-
-
-def write_bad_files(root) -> dict[str, str]:
-    """Unusable files: name -> path. All must raise ImageLoadError."""
-    os.makedirs(root, exist_ok=True)
-    good = _jpeg_bytes(_gradient(120, 160))
-    noise = np.random.default_rng(0).integers(0, 256, 4000, dtype=np.uint8).tobytes()
-    contents = {
-        "empty.jpg": b"",
-        "corrupt.jpg": b"\xff\xd8\xff\xe0" + noise,
-        "truncated.jpg": good[: len(good) // 2],
-        "text.png": b"this is not an image\n",
-        "truncated.png": _png_bytes(_gradient())[:200],
-    }
-    paths = {}
-    for name, data in contents.items():
-        paths[name] = os.path.join(root, name)
-        with open(paths[name], "wb") as f:
-            f.write(data)
-    return paths
-
-
-def _png_bytes(array, mode=None):
-    buf = io.BytesIO()
-    (Image.fromarray(array, mode) if mode else Image.fromarray(array)).save(buf, "PNG")
-    return buf.getvalue()
-
-
-def write_convertible_files(root) -> dict[str, str]:
-    """Files that must load (converted): name -> path."""
-    os.makedirs(root, exist_ok=True)
-    rgb = _gradient()
-    gray = rgb[..., 0]
-    files = {}
-
-    def save(name, image, **kw):
-        files[name] = os.path.join(root, name)
-        image.save(files[name], **kw)
-
-    save("rgb.jpg", Image.fromarray(rgb), quality=95)
-    save("gray.png", Image.fromarray(gray))
-    save("bilevel.png", Image.fromarray(gray > 127))
-    save("cmyk.jpg", Image.new("CMYK", (40, 30), (0, 255, 255, 0)), quality=95)
-    save("rgba.png", Image.fromarray(np.dstack([rgb, np.full(gray.shape, 100, np.uint8)])))
-    save("la.png", Image.fromarray(np.dstack([gray, gray]), "LA"))
-    palette = Image.fromarray(rgb).convert("P", palette=Image.Palette.ADAPTIVE, colors=16)
-    save("palette_transparent.png", palette, transparency=0)
-    save("gray16.png", Image.fromarray(gray.astype(np.uint16) * 257))
-    save("float.tiff", Image.fromarray(gray.astype(np.float32) / 255.0))
-    save("tiny.png", Image.fromarray(rgb[:1, :1]))
-    save("wide.png", Image.fromarray(np.repeat(rgb[:2], 10, axis=1)))  # 2 x 900
-    save("tall.png", Image.fromarray(np.repeat(rgb[:, :2], 10, axis=0)))  # 600 x 2
-    exif = Image.Exif()
-    exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise to display
-    save("exif_rot90.jpg", Image.fromarray(rgb), quality=95, exif=exif.tobytes())
-    exif[0x0112] = 3  # rotate 180 degrees
-    save("exif_rot180.jpg", Image.fromarray(rgb), quality=95, exif=exif.tobytes())
-    return files
 
 
 @pytest.mark.parametrize(
@@ -95,7 +24,7 @@ def test_missing_file_raises(tmp_path):
 
 def test_decompression_bomb_is_refused(tmp_path, monkeypatch):
     path = str(tmp_path / "big.png")
-    Image.fromarray(_gradient(100, 100)).save(path)
+    Image.fromarray(gradient_image(100, 100)).save(path)
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
     with pytest.raises(ImageLoadError, match="too large"):
         load_rgb_image(path)
@@ -103,7 +32,7 @@ def test_decompression_bomb_is_refused(tmp_path, monkeypatch):
 
 def test_every_mode_converts_to_rgb(tmp_path):
     files = write_convertible_files(str(tmp_path))
-    rgb, gray = _gradient(), _gradient()[..., 0].astype(np.float64)
+    rgb, gray = gradient_image(), gradient_image()[..., 0].astype(np.float64)
     loaded = {name: load_rgb_image(path) for name, path in files.items()}
     for name, image in loaded.items():
         assert image.mode == "RGB", name
@@ -121,7 +50,7 @@ def test_every_mode_converts_to_rgb(tmp_path):
 
 def test_exif_orientation_is_applied(tmp_path):
     files = write_convertible_files(str(tmp_path))
-    rgb = _gradient().astype(np.float64)
+    rgb = gradient_image().astype(np.float64)
     rot90 = np.asarray(load_rgb_image(files["exif_rot90.jpg"])).astype(np.float64)
     rot180 = np.asarray(load_rgb_image(files["exif_rot180.jpg"])).astype(np.float64)
     # independent expectation: orientation 6 displays the stored pixels turned 90 degrees clockwise

@@ -13,16 +13,14 @@ import shutil
 
 import pytest
 import torch
-from train_net_runs import (
-    BAD,
+from helpers.images import BAD, Spy, image_folder
+from helpers.train_net_runner import (
     DEMO_CONFIG,
     GROUP_NORM,
     TINY,
-    Spy,
     free_port,
-    image_folder,
     metrics,
-    tiny_cfg,
+    tiny_demo_cfg,
     train_net,
 )
 
@@ -178,7 +176,7 @@ def test_every_rank_skipped_files_reach_log_txt_with_a_running_total(runs):
     # the reference: the stream's first ITERS x 4 draws, with a spy on the mapper
     records = sorted(glob.glob(str(root / "imagenet" / "train" / "n0000001" / "*")))
     records = [{"file_name": f, "image_id": i} for i, f in enumerate(records)]
-    spy = Spy(TwoViewMapper(tiny_cfg(*GROUP_NORM), is_train=True))
+    spy = Spy(TwoViewMapper(tiny_demo_cfg(*GROUP_NORM), is_train=True))
     ds = StreamDataset(records, spy, seed=3)
     rank1_skips = 0
     for p in range(4 * ITERS):

@@ -9,7 +9,7 @@ import re
 
 import pytest
 import torch
-from train_net_runs import TINY, metrics, tiny_cfg, train_net
+from helpers.train_net_runner import TINY, metrics, tiny_demo_cfg, train_net
 
 from resim_d2.engine import Trainer
 
@@ -79,7 +79,7 @@ def _train(cfg, hooks=(), resume=False):
 
 
 def test_non_finite_statistic_with_finite_loss_stops_before_anything_is_saved(tmp_path, one_thread):
-    cfg = tiny_cfg(
+    cfg = tiny_demo_cfg(
         "OUTPUT_DIR", str(tmp_path), "SOLVER.MAX_ITER", "6", "SOLVER.CHECKPOINT_PERIOD", "1"
     )
     with pytest.raises(FloatingPointError) as e:
@@ -102,10 +102,10 @@ def test_resume_applies_changed_schedule_keys(tmp_path, caplog, one_thread):
 
     base = ["SOLVER.MAX_ITER", "4", "SOLVER.CHECKPOINT_PERIOD", "2", "SOLVER.BASE_LR", "0.05"]
     with pytest.raises(KeyboardInterrupt):
-        _train(tiny_cfg("OUTPUT_DIR", str(tmp_path), *base), [_Stop()])
+        _train(tiny_demo_cfg("OUTPUT_DIR", str(tmp_path), *base), [_Stop()])
     changed = base[:-1] + ["0.002", "SOLVER.MOMENTUM", "0.5", "SOLVER.WEIGHT_DECAY", "0.001"]
     with caplog.at_level(logging.WARNING, logger="resim_d2"):
-        trainer = Trainer(tiny_cfg("OUTPUT_DIR", str(tmp_path), *changed))
+        trainer = Trainer(tiny_demo_cfg("OUTPUT_DIR", str(tmp_path), *changed))
         trainer.resume_or_load(resume=True)
         trainer.before_train()
     assert trainer.start_iter == 2

@@ -56,7 +56,7 @@ def test_schedule_from_epochs_and_lr_per_256():
     assert cfg.SOLVER.BASE_LR == pytest.approx(0.03 * 4 / 256)
 
 
-def tiny_cfg(out_dir, max_iter=4, period=2):
+def short_demo_run_cfg(out_dir, max_iter=4, period=2):
     """The CPU demo config shrunk: R18, 96 px views, batch 4."""
     cfg = add_resim_config(get_cfg())
     cfg.merge_from_file(get_config_file("pretrain/demo_resim_c4_cpu.yaml"))
@@ -97,8 +97,8 @@ def _train(cfg, resume=False, extra_hooks=()):
 
 
 def test_resume_continues_exactly_like_the_uninterrupted_run(tmp_path):
-    full = _train(tiny_cfg(tmp_path / "full"))
-    cfg = tiny_cfg(tmp_path / "cut")
+    full = _train(short_demo_run_cfg(tmp_path / "full"))
+    cfg = short_demo_run_cfg(tmp_path / "cut")
     with pytest.raises(_Interrupt):
         _train(cfg, extra_hooks=[_StopAfter(1)])  # checkpoint at iteration 1, then "killed"
     assert os.path.isfile(tmp_path / "cut" / "model_0000001.pth")
@@ -123,7 +123,7 @@ class _PoisonAt(HookBase):
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
-    cfg = tiny_cfg(tmp_path, max_iter=6, period=2)
+    cfg = short_demo_run_cfg(tmp_path, max_iter=6, period=2)
     last_good = str(tmp_path / "model_0000001.pth")
     with pytest.raises(FloatingPointError, match="Checkpoint to continue from: " + last_good):
         _train(cfg, extra_hooks=[_PoisonAt(3)])
@@ -137,7 +137,7 @@ def _ddp_cfg(batch, norm="GN"):
     # GroupNorm couples no samples, so 2 processes x 2 images must equal 1 process x 4 images
     # exactly; shuffle-BN's collectives still run (a permutation is harmless under GN). With
     # naiveSyncBN the batch statistics are all-reduced (MoCo's "sync" BN for the keys too).
-    cfg = tiny_cfg("unused")
+    cfg = short_demo_run_cfg("unused")
     cfg.MODEL.RESNETS.NORM = norm
     cfg.RESIM.MOCO.BN = "shuffle" if norm == "GN" else "sync"
     cfg.RESIM.REGION.GATHER_NEGATIVES = [True]

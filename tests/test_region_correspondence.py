@@ -151,10 +151,10 @@ def test_evaluator_scores_the_region_head_output_beside_the_backbone_map():
 
 
 def test_model_inference_gives_head_embeddings_only_where_a_region_head_exists():
-    from test_resim_model import build, make_batch, tiny_cfg
+    from helpers.resim_model import build, make_batch, tiny_resim_cfg
 
     for region, head, expect in ((True, "conv", True), (True, "none", False), (False, "conv", 0)):
-        cfg = tiny_cfg("c4", region=region)
+        cfg = tiny_resim_cfg("c4", region=region)
         cfg.RESIM.REGION.HEAD = head
         model = build(cfg).eval()
         out = model(make_batch(cfg, B=2))

@@ -14,7 +14,7 @@ import struct
 import numpy as np
 import pytest
 import torch
-from train_net_runs import DEMO_CONFIG, TINY, train_net
+from helpers.train_net_runner import DEMO_CONFIG, TINY, train_net
 
 from resim_d2.checkpoint import (
     CheckpointReadError,

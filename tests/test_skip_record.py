@@ -6,7 +6,8 @@ import os
 
 import numpy as np
 import pytest
-from train_net_runs import BAD, Spy, image_folder, tiny_cfg
+from helpers.images import BAD, Spy, image_folder
+from helpers.train_net_runner import tiny_demo_cfg
 
 from resim_d2 import add_resim_config, get_config_file
 from resim_d2.data.build import build_finetune_train_loader
@@ -22,7 +23,7 @@ from detectron2.data import DatasetCatalog
 
 def test_stream_counts_each_skip_once_with_its_file_and_reason(tmp_path, caplog):
     records = image_folder(str(tmp_path))
-    cfg = tiny_cfg()
+    cfg = tiny_demo_cfg()
     mapper = TwoViewMapper(cfg, is_train=True)
     mapper.log_skips = False  # as the training loaders set it: the batches carry the files
     spy = Spy(mapper)
@@ -40,7 +41,7 @@ def test_stream_counts_each_skip_once_with_its_file_and_reason(tmp_path, caplog)
 
 def test_gpu_path_reader_reports_each_unreadable_file_once(tmp_path):
     records = image_folder(str(tmp_path))
-    reader = RawViewReader(ViewParamSampler.from_config(tiny_cfg()))
+    reader = RawViewReader(ViewParamSampler.from_config(tiny_demo_cfg()))
     reader.log_skips = False
     rng = np.random.default_rng(0)
     by_name = {os.path.basename(r["file_name"]): r for r in records}
@@ -66,7 +67,9 @@ def test_trainer_logs_every_skipped_file_and_keeps_a_running_total(
     tmp_path, folder_dataset, caplog, one_thread
 ):
     name, records = folder_dataset
-    cfg = tiny_cfg("DATASETS.TRAIN", (name,), "SOLVER.MAX_ITER", 4, "OUTPUT_DIR", str(tmp_path))
+    cfg = tiny_demo_cfg(
+        "DATASETS.TRAIN", (name,), "SOLVER.MAX_ITER", 4, "OUTPUT_DIR", str(tmp_path)
+    )
     # the reference: the stream's draws, replayed with a spy on the mapper (4 iterations x 4)
     spy = Spy(TwoViewMapper(cfg, is_train=True))
     per_iter = []

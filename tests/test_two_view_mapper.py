@@ -8,9 +8,9 @@ import os
 import numpy as np
 import pytest
 import torch
+from helpers.images import write_bad_files, write_convertible_files
+from helpers.view_geometry import released_anchor_mapping, sample_box, smooth_image
 from PIL import Image, ImageOps
-from test_image_io import write_bad_files, write_convertible_files
-from test_view_geometry import released_anchor_mapping, sample_box, smooth_image
 
 from resim_d2 import add_resim_config
 from resim_d2.data import MoCoV2ColorAugment, TwoViewMapper, build_pretrain_train_loader

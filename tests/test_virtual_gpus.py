@@ -9,7 +9,7 @@ import tempfile
 import pytest
 import torch
 import torch.nn.functional as F
-from test_resim_model import build, make_batch, tiny_cfg, total_loss
+from helpers.resim_model import build, make_batch, tiny_resim_cfg, total_loss
 
 from resim_d2.layers.group_batch_norm import GroupBatchNorm2d
 from resim_d2.modeling import distributed as dist_utils
@@ -21,7 +21,7 @@ PERM = torch.tensor([3, 0, 2, 1])
 def _cfg(group_images):
     """ReSim-FPN, plain BN; P3 negatives per BN group (per process in the 2-process run), P4
     negatives and the queue over the whole step."""
-    cfg = tiny_cfg("fpn")
+    cfg = tiny_resim_cfg("fpn")
     cfg.MODEL.RESNETS.NORM = "BN"
     cfg.RESIM.MOCO.BN = "shuffle"
     cfg.RESIM.BN_GROUP_IMAGES = group_images
@@ -173,7 +173,7 @@ def _warnings(caplog, cfg, batch=4, steps=2):
 def test_leak_warning_exactly_when_one_group_normalises_the_step(
     caplog, framework, norm, moco_bn, group_images, region, leak
 ):
-    cfg = tiny_cfg("c4", framework=framework, region=region)
+    cfg = tiny_resim_cfg("c4", framework=framework, region=region)
     cfg.MODEL.RESNETS.NORM = norm
     cfg.RESIM.MOCO.BN = moco_bn
     cfg.RESIM.BN_GROUP_IMAGES = group_images
@@ -186,7 +186,7 @@ def test_leak_warning_exactly_when_one_group_normalises_the_step(
 
 
 def test_leak_depends_on_the_number_of_processes():
-    cfg = tiny_cfg("c4")
+    cfg = tiny_resim_cfg("c4")
     cfg.RESIM.BN_GROUP_IMAGES = 0
     model = build(cfg)
     assert model.leaks_batch_statistics(4, world=1)

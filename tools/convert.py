@@ -11,7 +11,7 @@
 
 Inputs: our pre-training checkpoints, MoCo-family checkpoints (``module.encoder_q.*``, the released
 ReSim/MoCo weights), torchvision classification state dicts, MoCo-style detectron2 conversions
-(resim_d2/checkpoint/convert.py lists the layouts). Output: ``.pth`` (recommended) or ``.pkl`` with
+(resim_d2/checkpoint/layouts.py lists the layouts). Output: ``.pth`` (recommended) or ``.pkl`` with
 exact detectron2 names; use it as MODEL.WEIGHTS.
 
 The conversion is checked against the detector it is meant for: ``--config`` (a fine-tuning config,

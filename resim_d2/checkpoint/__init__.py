@@ -3,7 +3,8 @@
 * :mod:`resim_d2.checkpoint.safe_load`: weight files read without running code from them.
 * :mod:`resim_d2.checkpoint.checkpointer`: atomic saves; ``--resume`` past unreadable files.
 * :mod:`resim_d2.checkpoint.convert`: pre-trained encoders -> detectron2 detector weights
-  (``tools/convert.py`` is its command line).
+  (``tools/convert.py`` is its command line); it gathers :mod:`~.layouts` (the source layouts as
+  data), :mod:`~.conversion`, :mod:`~.report` and :mod:`~.transfer_checkpointer`.
 """
 
 from . import checkpointer, convert, safe_load

@@ -1,5 +1,5 @@
-"""Running tools/train_net.py as a user does, on tiny CPU pre-training configs, and the small image
-folders those runs read (shared by the reliability tests)."""
+"""Running tools/train_net.py as a user does, on tiny CPU pre-training configs (the demo config
+shrunk to seconds), and the same config built in this process."""
 
 import json
 import os
@@ -7,14 +7,11 @@ import socket
 import subprocess
 import sys
 
-import numpy as np
-from PIL import Image
-
 from resim_d2 import add_resim_config, get_config_file
 
 from detectron2.config import get_cfg
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TRAIN_NET = os.path.join(REPO, "tools", "train_net.py")
 DEMO_CONFIG = os.path.join(REPO, "configs", "pretrain", "demo_resim_c4_cpu.yaml")
 
@@ -80,39 +77,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-BAD = {"empty.jpg": b"", "notes.jpg": b"not an image\n", "cut.png": None}
-
-
-def image_folder(root, good=5):
-    """``good`` readable images and the three unreadable files of BAD, in one folder."""
-    os.makedirs(root, exist_ok=True)
-    rng = np.random.default_rng(0)
-    for i in range(good):
-        arr = rng.integers(0, 255, (60 + 10 * i, 80, 3), dtype=np.uint8)
-        Image.fromarray(arr).save(os.path.join(root, f"good{i}.png"))
-    for name, data in BAD.items():
-        if data is None:  # a PNG cut short
-            data = open(os.path.join(root, "good0.png"), "rb").read()[:200]
-        with open(os.path.join(root, name), "wb") as f:
-            f.write(data)
-    files = sorted(os.listdir(root))
-    return [{"file_name": os.path.join(root, f), "image_id": i} for i, f in enumerate(files)]
-
-
-class Spy:
-    """Wraps a mapper; remembers each file it rejected (the reference count)."""
-
-    def __init__(self, mapper):
-        self.mapper, self.rejected = mapper, []
-
-    def __call__(self, record, rng):
-        out = self.mapper(record, rng)
-        if out is None:
-            self.rejected.append(record["file_name"])
-        return out
-
-
-def tiny_cfg(*opts):
+def tiny_demo_cfg(*opts):
     """The TINY pre-training config, in this process, with ``opts`` merged."""
     cfg = add_resim_config(get_cfg())
     cfg.merge_from_file(get_config_file("pretrain/demo_resim_c4_cpu.yaml"))
