@@ -42,8 +42,8 @@ import zlib
 
 import pytest
 import torch
+from helpers.resim_model import build, tiny_cfg
 from PIL import Image
-from test_resim_model import build, tiny_cfg
 
 from resim_d2.checkpoint import convert_checkpoint, format_report, reconcile
 from resim_d2.data.gpu_loader import build_gpu_pretrain_loader
