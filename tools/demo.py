@@ -8,7 +8,8 @@ photographs, and new pairs of the pre-training photographs; on the raw res4 map 
 the region head's output (what ReSim's region loss trains; ReSim and the untrained network, which
 is built from ReSim's config). Prints a summary: the loss curves, the checkpoints, the scores and
 the paired differences with bootstrap intervals (per seed and across seeds with --seeds). Training
-goes through tools/train_net.py's Trainer.
+goes through tools/train_net.py in a child process: the console shows its progress (iteration,
+loss, ETA), and its whole output goes to train_net_output.log in the run's output folder.
 
     python tools/demo.py                 # both runs
     python tools/demo.py --only resim    # ReSim alone
@@ -18,13 +19,14 @@ goes through tools/train_net.py's Trainer.
 import argparse
 import json
 import os
-import subprocess
 import sys
 
 from resim_d2 import get_config_file
+from resim_d2.utils.child_run import ChildRunError, run_logged
 
 RUNS = {"resim": "pretrain/demo_resim_c4_cpu.yaml", "mocov2": "pretrain/demo_mocov2_cpu.yaml"}
 FEATURE = "res4"
+LOG_NAME = "train_net_output.log"  # the child's whole output, in each run's output folder
 
 
 def cpu_speed_opts(precision):
@@ -119,13 +121,17 @@ SOURCES = {"map": FEATURE, "head": f"head_{FEATURE}"}
 
 
 def _train(name, config, out, opts):
-    """One training run through tools/train_net.py; returns what the summary needs."""
+    """One training run through tools/train_net.py, its output in ``out``/train_net_output.log and
+    its progress on the console; returns what the summary needs."""
     opts = ["OUTPUT_DIR", out] + opts
     here = os.path.dirname(os.path.abspath(__file__))
     cmd = [sys.executable, os.path.join(here, "train_net.py"), "--config-file"]
     cmd += [get_config_file(config)] + opts
-    print(f"\n=== {name}: " + " ".join(cmd) + "\n", flush=True)
-    subprocess.run(cmd, check=True)
+    print(f"\n=== {name}: training ({config})", flush=True)
+    try:
+        run_logged(cmd, os.path.join(out, LOG_NAME), name)
+    except ChildRunError as e:
+        sys.exit(str(e))
     return {
         "rows": _read_metrics(os.path.join(out, "metrics.json")),
         "checkpoint": os.path.join(out, "model_final.pth"),
