@@ -69,6 +69,7 @@ def run_logged(cmd, log_path, label, env=None, tail_lines=30, out=None):
         )
         for line in proc.stdout:
             log.write(line)
+            log.flush()  # the log follows the run (tail -f), and survives this process
             tail = (tail + [line.rstrip("\n")])[-tail_lines:]
             summary = progress_line(line)
             if summary:
