@@ -17,9 +17,11 @@ loss, ETA), and its whole output goes to train_net_output.log in the run's outpu
 """
 
 import argparse
+import datetime
 import json
 import os
 import sys
+import time
 
 from resim_d2 import get_config_file
 from resim_d2.utils.child_run import ChildRunError, run_logged
@@ -60,7 +62,8 @@ def _read_metrics(path):
 
 
 def _loss_curve(rows, width=40):
-    pts = [(r["iteration"], r["total_loss"]) for r in rows if "total_loss" in r]
+    # iterations counted from 1, as the progress lines and the correspondence curve count them
+    pts = [(r["iteration"] + 1, r["total_loss"]) for r in rows if "total_loss" in r]
     if not pts:
         return "  (no losses logged)"
     lo, hi = min(v for _, v in pts), max(v for _, v in pts)
@@ -254,15 +257,26 @@ def main():
 
     print("\n=== region correspondence of every model on the same view pairs", flush=True)
     scores = {}  # eval set -> seed -> name -> source -> (top1, windows, per_pair)
+    total = sum(len(EVAL_SETS) * (1 + len(results)) for results in runs.values())
+    done, t0 = 0, time.time()
     for seed, results in runs.items():
         first = next(iter(results.values()))
         for label, on_train in EVAL_SETS.items():
             # the untrained network of this seed (the runs' common initialisation) first
             models = [("untrained", first["config"], first["opts"], None)]
             models += [(n, r["config"], r["opts"], r["checkpoint"]) for n, r in results.items()]
-            scores.setdefault(label, {})[seed] = {
-                n: correspondence(c, o, w, on_train_images=on_train) for n, c, o, w in models
-            }
+            for n, c, o, w in models:
+                seed_note = "" if seed is None else f" (seed {seed})"
+                scores.setdefault(label, {}).setdefault(seed, {})[n] = correspondence(
+                    c, o, w, on_train_images=on_train
+                )
+                done += 1
+                eta = (time.time() - t0) / done * (total - done)
+                print(
+                    f"[correspondence] {done}/{total}: {n}{seed_note} on the {label}  "
+                    f"eta {datetime.timedelta(seconds=round(eta))}",
+                    flush=True,
+                )
 
     print("\n================ demo summary ================")
     for seed, results in runs.items():
@@ -278,7 +292,8 @@ def main():
         "objective learned; the held-out photographs, whether it carries over to other images."
     )
     print(
-        "\nNext: python tools/convert.py (see README) turns a checkpoint into detectron2 weights."
+        "\nNext: python tools/convert.py turns a checkpoint into detectron2 weights "
+        "(docs/transfer.md)."
     )
 
 
