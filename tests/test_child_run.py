@@ -19,6 +19,10 @@ CHILD_LINES = [
     "[12/03 17:00:19 d2.utils.events]:  eta: 0:02:30  iter: 39  total_loss: 7.5  "
     "loss_global: 3.9  time: 0.5302  data_time: 0.0101  lr: 0.029  max_mem: 0M",
     "[12/03 17:00:20 d2.evaluation.evaluator]: Start inference on 6 batches",
+    "[12/03 17:00:22 d2.evaluation.evaluator]: Inference done 3/6. Dataloading: 0.0011 s/iter. "
+    "Inference: 0.2 s/iter. Eval: 0.01 s/iter. Total: 0.22 s/iter. ETA=0:00:01",
+    "[12/03 17:00:23 d2.evaluation.evaluator]: Inference done 4/6. Dataloading: 0.0011 s/iter. "
+    "Inference: 0.2 s/iter. Eval: 0.01 s/iter. Total: 0.22 s/iter. ETA=0:00:00",
     "[12/03 17:00:25 d2.utils.events]:  iter: 299  total_loss: nan  lr: 0.0001",
 ]
 
@@ -46,6 +50,8 @@ def test_progress_lines_from_detectron2_formats():
         "iter 20  total_loss 8.123  eta 0:02:41",  # detectron2 counts from 0
         "iter 40  total_loss 7.500  eta 0:02:30",
         "evaluating",
+        "evaluating 3/6  eta 0:00:01",
+        "evaluating 4/6  eta 0:00:00",
         "iter 300  total_loss nan",  # no ETA logged: none shown
     ]
 
@@ -60,6 +66,7 @@ def test_console_gets_progress_log_gets_everything(tmp_path, capsys):
         "[resim] iter 20  total_loss 8.123  eta 0:02:41",
         "[resim] iter 40  total_loss 7.500  eta 0:02:30",
         "[resim] evaluating",
+        "[resim] evaluating 3/6  eta 0:00:01",  # the next one came within eval_every_s
         "[resim] iter 300  total_loss nan",
     ]
     assert console[-1].startswith("[resim] done in ")

@@ -20,6 +20,7 @@ __all__ = ["ChildRunError", "progress_line", "run_logged"]
 _ITER = re.compile(r"\biter: (\d+)\b")
 _ETA = re.compile(r"\beta: (\S+)")
 _LOSS = re.compile(r"\btotal_loss: (\S+)")
+_INFERENCE = re.compile(r"Inference done (\d+)/(\d+)\..*\bETA=(\S+)")
 # a child's log line containing this -> the stage it announces
 STAGES = {"Starting training from iteration": "training", "Start inference on": "evaluating"}
 
@@ -30,10 +31,14 @@ class ChildRunError(RuntimeError):
 
 def progress_line(line: str) -> str | None:
     """The progress summary of one line of a child's output: the stage a line of :data:`STAGES`
-    announces, the iteration, loss and ETA of detectron2's per-iteration metrics line, else None."""
+    announces, the batches done and ETA of an evaluation, the iteration, loss and ETA of
+    detectron2's per-iteration metrics line; else None."""
     for marker, stage in STAGES.items():
         if marker in line:
             return stage
+    m = _INFERENCE.search(line)
+    if m is not None:  # detectron2's inference_on_dataset, every 5 s
+        return f"evaluating {m.group(1)}/{m.group(2)}  eta {m.group(3)}"
     m = _ITER.search(line)
     if m is None or "total_loss" not in line:
         return None
@@ -50,17 +55,19 @@ def progress_line(line: str) -> str | None:
     return "  ".join(parts)
 
 
-def run_logged(cmd, log_path, label, env=None, tail_lines=30, out=None):
+def run_logged(cmd, log_path, label, env=None, tail_lines=30, out=None, eval_every_s=30.0):
     """Run ``cmd`` with stdout and stderr appended to ``log_path``; print ``[label]`` lines to
-    ``out`` (default stdout): the log's path, the stages, one line per logged iteration, and the
-    elapsed time at the end. On a non-zero exit raise :class:`ChildRunError` with the log's last
-    ``tail_lines`` lines (the log file stays, with everything the child wrote)."""
+    ``out`` (default stdout): the log's path, the stages, one line per logged iteration, an
+    evaluation's progress at most every ``eval_every_s`` seconds, and the elapsed time at the end.
+    On a non-zero exit raise :class:`ChildRunError` with the log's last ``tail_lines`` lines (the
+    log file stays, with everything the child wrote)."""
     out = out or sys.stdout
     env = dict(os.environ if env is None else env, PYTHONUNBUFFERED="1")  # lines as they come
     os.makedirs(os.path.dirname(os.path.abspath(log_path)), exist_ok=True)
     print(f"[{label}] running; full output in {log_path}", file=out, flush=True)
     t0 = time.time()
     tail = []
+    last_eval = -float("inf")
     with open(log_path, "a") as log:
         log.write("$ " + " ".join(cmd) + "\n")
         log.flush()
@@ -72,6 +79,10 @@ def run_logged(cmd, log_path, label, env=None, tail_lines=30, out=None):
             log.flush()  # the log follows the run (tail -f), and survives this process
             tail = (tail + [line.rstrip("\n")])[-tail_lines:]
             summary = progress_line(line)
+            if summary and summary.startswith("evaluating "):
+                if time.time() - last_eval < eval_every_s:
+                    continue
+                last_eval = time.time()
             if summary:
                 print(f"[{label}] {summary}", file=out, flush=True)
         rc = proc.wait()
