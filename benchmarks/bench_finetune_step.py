@@ -3,8 +3,7 @@
 
 One process, one device, detectron2's own training loops on synthetic data:
 
-* ``fp32``: :class:`detectron2.engine.SimpleTrainer` (detectron2's default; DESIGN.md's reference:
-  91 images/s on an H200 at 600x800, batch 4);
+* ``fp32``: :class:`detectron2.engine.SimpleTrainer` (detectron2's default);
 * ``amp_fp16``: :class:`detectron2.engine.AMPTrainer`, i.e. ``SOLVER.AMP.ENABLED: True`` (float16
   autocast + GradScaler; CUDA only, as detectron2 asserts);
 * ``bf16``: the same loop under ``torch.autocast(dtype=torch.bfloat16)``, no scaler.

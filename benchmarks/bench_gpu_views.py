@@ -19,8 +19,7 @@ ResNet-``--depth``, bf16 autocast via ``RESIM.SPEED.AMP_DTYPE``, channels-last, 
 ``--batch``: on one fixed batch (the model alone), and fed by each path. Rates are pairs (images)
 per second of wall-clock time, timed after ``--warmup`` batches, the device synchronised at the
 end. Without ``--folder`` the scikit-image demo photographs are written as ImageNet-like JPEGs
-(about 500 x 375, quality 90) into a temporary folder. Target (one H200, 16 cores): ReSim-FPN
-end-to-end from JPEG files at >= 2,000 images/s.
+(about 500 x 375, quality 90) into a temporary folder. Results: docs/benchmarks.md.
 """
 
 import argparse

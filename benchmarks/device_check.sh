@@ -42,7 +42,7 @@ for step in ${STEPS:-prroi pretrain compile views}; do
     compile_profile)
       run 300 python3 $bench --device cuda --batch 128 --bf16 --channels-last --compile \
         --models mocov2 resim_fpn --repeats 2 --profile 30 ;;
-    compile_graphs)  # the 3,500 img/s target's setting; MoCo-v2 the baseline
+    compile_graphs)  # compiled encoders as CUDA graphs, batch 128; MoCo-v2 the baseline
       run 300 python3 $bench --device cuda --batch 128 --bf16 --channels-last --compile \
         --compile-mode reduce-overhead --models mocov2 resim_fpn --repeats 2 --profile 12 ;;
     compile_graphs64)  # does replaying CUDA graphs lift the launch-bound batch 64?
@@ -79,7 +79,7 @@ for step in ${STEPS:-prroi pretrain compile views}; do
         --models mocov2 resim_c4 resim_fpn --bn-group-images 0 32
       run 240 python3 $bench --device cuda --batch 128 --bf16 --repeats 2 \
         --models resim_c4 resim_fpn --bn-group-images 0 32 ;;
-    bn_groups_graphs)  # the same with torch.compile + CUDA graphs (the 3% target)
+    bn_groups_graphs)  # the same with torch.compile + CUDA graphs
       run 540 python3 $bench --device cuda --batch 128 --bf16 --channels-last --compile \
         --compile-mode reduce-overhead --repeats 2 --models resim_c4 resim_fpn \
         --bn-group-images 0 32 ;;

@@ -44,7 +44,13 @@ def test_demo_pretrains_and_scores_correspondence(tmp_path):
     assert "region head, what the region loss trains" in out  # the head's output scored too
     for seed in (0, 1):
         for name in ("resim", "mocov2"):
-            assert os.path.isfile(tmp_path / f"seed{seed}" / name / "model_final.pth")
+            run = tmp_path / f"seed{seed}" / name
+            assert os.path.isfile(run / "model_final.pth")
+            # detectron2's dumps go to the run's log file, the console gets progress lines
+            log = (run / "train_net_output.log").read_text()
+            assert "Starting training from iteration 0" in log and "Running with full config" in log
+            assert f"full output in {run / 'train_net_output.log'}" in out
+    assert "Running with full config" not in out and "[resim] iter 3  total_loss" in out
 
 
 @pytest.mark.slow
@@ -74,3 +80,6 @@ def test_e2e_demo_prints_a_table_per_target(tmp_path):
             assert all(metric in row for row in tables[target].values())
     for title in ("COCO-format", "Cityscapes-layout"):
         assert title in out
+    assert "Running with full config" not in out and "[pre-train ReSim-C4] iter 2" in out
+    log = tmp_path / "finetune" / "full" / "ReSim-C4" / "train_net_output.log"
+    assert "Running with full config" in log.read_text()

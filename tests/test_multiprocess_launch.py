@@ -108,7 +108,7 @@ def _matches_one_process(folder, one):
     # weights after the first step: equal up to float32 summation order
     _close(_weights(folder, "model_0000000.pth"), _weights(one, "model_0000000.pth"), 1e-6, 1e-5)
     # after the second: this tiny model amplifies those rounding differences (~1e-4 relative in
-    # the second step's gradients; README's naiveSyncBN note measures the same effect)
+    # the second step's gradients; docs/pretraining.md's naiveSyncBN note shows the same effect)
     _close(_weights(folder, "model_final.pth"), _weights(one, "model_final.pth"), 2e-4, 1e-3)
 
 

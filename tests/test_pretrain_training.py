@@ -186,7 +186,7 @@ def _worker(rank, world, port, batch, steps, out, norm="GN"):
     # naiveSyncBN: one step only. Its statistics are reduced in another order than one process's
     # BatchNorm, so the weights after a step differ at float32 rounding (~4e-6 relative), and this
     # tiny model amplifies that into percent-level gradient differences at the next step; one
-    # process shows the same amplification when its weights are perturbed by 4e-6 (see README).
+    # process shows the same amplification when its weights move by 4e-6 (docs/pretraining.md)
     [("GN", 2), ("naiveSyncBN", 1)],
 )
 def test_two_processes_match_one_process_at_the_same_global_batch(tmp_path, norm, steps):

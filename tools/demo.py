@@ -8,7 +8,8 @@ photographs, and new pairs of the pre-training photographs; on the raw res4 map 
 the region head's output (what ReSim's region loss trains; ReSim and the untrained network, which
 is built from ReSim's config). Prints a summary: the loss curves, the checkpoints, the scores and
 the paired differences with bootstrap intervals (per seed and across seeds with --seeds). Training
-goes through tools/train_net.py's Trainer.
+goes through tools/train_net.py in a child process: the console shows its progress (iteration,
+loss, ETA), and its whole output goes to train_net_output.log in the run's output folder.
 
     python tools/demo.py                 # both runs
     python tools/demo.py --only resim    # ReSim alone
@@ -16,15 +17,18 @@ goes through tools/train_net.py's Trainer.
 """
 
 import argparse
+import datetime
 import json
 import os
-import subprocess
 import sys
+import time
 
 from resim_d2 import get_config_file
+from resim_d2.utils.child_run import ChildRunError, run_logged
 
 RUNS = {"resim": "pretrain/demo_resim_c4_cpu.yaml", "mocov2": "pretrain/demo_mocov2_cpu.yaml"}
 FEATURE = "res4"
+LOG_NAME = "train_net_output.log"  # the child's whole output, in each run's output folder
 
 
 def cpu_speed_opts(precision):
@@ -58,7 +62,8 @@ def _read_metrics(path):
 
 
 def _loss_curve(rows, width=40):
-    pts = [(r["iteration"], r["total_loss"]) for r in rows if "total_loss" in r]
+    # iterations counted from 1, as the progress lines and the correspondence curve count them
+    pts = [(r["iteration"] + 1, r["total_loss"]) for r in rows if "total_loss" in r]
     if not pts:
         return "  (no losses logged)"
     lo, hi = min(v for _, v in pts), max(v for _, v in pts)
@@ -119,13 +124,17 @@ SOURCES = {"map": FEATURE, "head": f"head_{FEATURE}"}
 
 
 def _train(name, config, out, opts):
-    """One training run through tools/train_net.py; returns what the summary needs."""
+    """One training run through tools/train_net.py, its output in ``out``/train_net_output.log and
+    its progress on the console; returns what the summary needs."""
     opts = ["OUTPUT_DIR", out] + opts
     here = os.path.dirname(os.path.abspath(__file__))
     cmd = [sys.executable, os.path.join(here, "train_net.py"), "--config-file"]
     cmd += [get_config_file(config)] + opts
-    print(f"\n=== {name}: " + " ".join(cmd) + "\n", flush=True)
-    subprocess.run(cmd, check=True)
+    print(f"\n=== {name}: training ({config})", flush=True)
+    try:
+        run_logged(cmd, os.path.join(out, LOG_NAME), name)
+    except ChildRunError as e:
+        sys.exit(str(e))
     return {
         "rows": _read_metrics(os.path.join(out, "metrics.json")),
         "checkpoint": os.path.join(out, "model_final.pth"),
@@ -248,15 +257,26 @@ def main():
 
     print("\n=== region correspondence of every model on the same view pairs", flush=True)
     scores = {}  # eval set -> seed -> name -> source -> (top1, windows, per_pair)
+    total = sum(len(EVAL_SETS) * (1 + len(results)) for results in runs.values())
+    done, t0 = 0, time.time()
     for seed, results in runs.items():
         first = next(iter(results.values()))
         for label, on_train in EVAL_SETS.items():
             # the untrained network of this seed (the runs' common initialisation) first
             models = [("untrained", first["config"], first["opts"], None)]
             models += [(n, r["config"], r["opts"], r["checkpoint"]) for n, r in results.items()]
-            scores.setdefault(label, {})[seed] = {
-                n: correspondence(c, o, w, on_train_images=on_train) for n, c, o, w in models
-            }
+            for n, c, o, w in models:
+                seed_note = "" if seed is None else f" (seed {seed})"
+                scores.setdefault(label, {}).setdefault(seed, {})[n] = correspondence(
+                    c, o, w, on_train_images=on_train
+                )
+                done += 1
+                eta = (time.time() - t0) / done * (total - done)
+                print(
+                    f"[correspondence] {done}/{total}: {n}{seed_note} on the {label}  "
+                    f"eta {datetime.timedelta(seconds=round(eta))}",
+                    flush=True,
+                )
 
     print("\n================ demo summary ================")
     for seed, results in runs.items():
@@ -272,7 +292,8 @@ def main():
         "objective learned; the held-out photographs, whether it carries over to other images."
     )
     print(
-        "\nNext: python tools/convert.py (see README) turns a checkpoint into detectron2 weights."
+        "\nNext: python tools/convert.py turns a checkpoint into detectron2 weights "
+        "(docs/transfer.md)."
     )
 
 

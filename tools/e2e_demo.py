@@ -15,7 +15,9 @@
 4. each target's evaluator (detectron2's VOC, COCO and Cityscapes evaluators, DensePose's GPS/GPSm)
    and one table per target of its headline metrics.
 
-Everything runs through tools/train_net.py and tools/convert.py, as a user would; the COCO,
+Everything runs through tools/train_net.py and tools/convert.py in child processes, as a user
+would (the console shows each run's progress with its ETA; a run's whole output goes to
+train_net_output.log in its output folder, a conversion's report next to the weights); the COCO,
 Cityscapes and DensePose sets are written in their real layouts under <output-dir>/datasets and
 found through $DETECTRON2_DATASETS. The numbers come from minutes of CPU training on toy data: they
 show the pipeline works, not what ReSim is worth.
@@ -28,11 +30,11 @@ import argparse
 import importlib.util
 import json
 import os
-import subprocess
 import sys
 import time
 
 from resim_d2 import get_config_file
+from resim_d2.utils.child_run import ChildRunError, run_logged
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PRETRAIN = {
@@ -65,20 +67,25 @@ FPN_TARGETS = {
     ),
 }
 TARGETS = ("voc", *FPN_TARGETS)
+LOG_NAME = "train_net_output.log"  # a child's whole output, in its run's output folder
 EVAL_TASKS = {"bbox", "segm", "densepose_gps", "densepose_gpsm", "densepose_segm"}
 
 
-def _run(cmd, env=None):
-    print("\n=== " + " ".join(cmd), flush=True)
-    subprocess.run(cmd, check=True, env=env)
+def _run(cmd, log_path, label, env=None):
+    """``cmd`` in a child process, its output to ``log_path``, its progress to the console."""
+    try:
+        run_logged(cmd, log_path, label, env=env)
+    except ChildRunError as e:
+        sys.exit(str(e))
 
 
-def _train(config, opts, env=None):
-    """tools/train_net.py in its own process, as a user would; its last evaluation, as
-    {task: {metric: value}}."""
+def _train(config, opts, label, env=None):
+    """tools/train_net.py in its own process, as a user would (its output in OUTPUT_DIR/
+    train_net_output.log); its last evaluation, as {task: {metric: value}}."""
     cmd = [sys.executable, os.path.join(HERE, "train_net.py"), "--config-file"]
-    _run(cmd + [get_config_file(config)] + opts, env)
     out = opts[opts.index("OUTPUT_DIR") + 1]
+    print(f"\n=== {label}", flush=True)
+    _run(cmd + [get_config_file(config)] + opts, os.path.join(out, LOG_NAME), label, env)
     with open(os.path.join(out, "metrics.json")) as f:
         rows = [json.loads(line) for line in f if line.strip()]
     evals = [r for r in rows if any(k.split("/")[0] in EVAL_TASKS for k in r)]
@@ -91,8 +98,11 @@ def _train(config, opts, env=None):
 
 
 def _convert(checkpoint, out, target, config):
+    """tools/convert.py of ``checkpoint`` to ``out``; its report goes to ``out``.log."""
     cmd = [sys.executable, os.path.join(HERE, "convert.py"), checkpoint, out, "--target", target]
-    _run(cmd + ["--config", get_config_file(config)])
+    label = f"convert {os.path.basename(out)}"
+    print(f"\n=== {label}", flush=True)
+    _run(cmd + ["--config", get_config_file(config)], out + ".log", label)
     return out
 
 
@@ -139,7 +149,8 @@ def main():
     for name, config in PRETRAIN.items():
         out = os.path.join(a.output_dir, "pretrain", name)
         it = str(a.pretrain_iters)
-        _train(config, ["OUTPUT_DIR", out, "SOLVER.MAX_ITER", it, "TEST.EVAL_PERIOD", it])
+        opts = ["OUTPUT_DIR", out, "SOLVER.MAX_ITER", it, "TEST.EVAL_PERIOD", it]
+        _train(config, opts, f"pre-train {name}")
         pretrained[name] = os.path.join(out, "model_final.pth")
 
     tables, results = [], {}
@@ -159,6 +170,7 @@ def main():
                     config,
                     ["OUTPUT_DIR", out, "MODEL.WEIGHTS", weights[name], "SOLVER.MAX_ITER", it]
                     + ["SEED", "1"],
+                    f"fine-tune VOC {setting} from {name}",
                 )
                 box = res.get("bbox", {})
                 rows[(setting, name)] = [box.get(k, float("nan")) for k in ("AP", "AP50", "AP75")]
@@ -194,7 +206,7 @@ def main():
                 opts = ["OUTPUT_DIR", out, "MODEL.WEIGHTS", weights[name], "SEED", "1"]
                 opts += ["SOLVER.MAX_ITER", str(a.target_iters)]
                 opts += ["SOLVER.STEPS", f"({a.target_iters * 4 // 5},)"]
-                res = _train(config, opts, env)
+                res = _train(config, opts, f"fine-tune {target} from {name}", env)
                 rows[("full", name)] = [
                     res.get(task, {}).get(metric, float("nan")) for _, task, metric in columns
                 ]

@@ -3,7 +3,8 @@
 DensePose, linear probe), one entry point.
 
     # pre-train (8 GPUs on one machine)
-    python tools/train_net.py --num-gpus 8 --config-file configs/pretrain/resim_c4_in1k_200ep.yaml
+    CONFIG=configs/pretrain/resim_c4_moco_in1k_200ep.yaml   # or resim_fpn_moco_in1k_200ep.yaml
+    python tools/train_net.py --num-gpus 8 --config-file $CONFIG
     # fine-tune and evaluate a detector from a converted checkpoint
     python tools/train_net.py --num-gpus 8 --config-file configs/finetune/voc_R50_C4_24k.yaml \
         MODEL.WEIGHTS output/resim_c4_d2.pkl

@@ -29,10 +29,9 @@ Crop and resize
     not an approximation (no pre-downscale, no box filter). The one difference: PIL rounds to 8 bit
     after its first pass (and Pillow 13 chooses the pass order per call), this path keeps floats
     and rounds once. On identical decoded pixels a view differs from ``render_view`` by at most 1
-    grey level per pixel, about 0.2 on average (tested: max 1, mean < 0.3). nvJPEG decodes
-    slightly differently from libjpeg-turbo (PIL), mostly its chroma upsampling: measured on an
-    H200 over whole views without colour ops, mean |difference| 0.27 grey levels (worst view
-    1.2), single pixels up to about 40 at sharp colour edges.
+    grey level per pixel (tested: max 1, mean < 0.3). nvJPEG decodes slightly differently from
+    libjpeg-turbo (PIL), mostly its chroma upsampling, so on a GPU the views differ a little more
+    at sharp colour edges (docs/benchmarks.md has the measured differences).
 Flip
     folded into the resampling weights (the output columns in reverse order): free.
 Colour
