@@ -58,7 +58,8 @@ def make_cfg(name, args, batch, bn_group_images=0):
     cfg.RESIM.SPEED.CHANNELS_LAST = args.channels_last
     cfg.RESIM.SPEED.COMPILE = args.compile
     cfg.RESIM.SPEED.COMPILE_MODE = args.compile_mode
-    cfg.RESIM.VIEWS.SIZE = args.view_size
+    if getattr(args, "view_size", None):  # count_step_flops.py has no --view-size: the config's
+        cfg.RESIM.VIEWS.SIZE = args.view_size
     if args.depth != 50:
         cfg.MODEL.RESNETS.DEPTH = args.depth
         cfg.MODEL.RESNETS.RES2_OUT_CHANNELS = 64 if args.depth < 50 else 256
