@@ -79,19 +79,23 @@ class _MissingOps(types.ModuleType):
         raise MissingCompiledOpError(f"detectron2 op '{name}' is not available. {_BUILD_HINT}")
 
 
-def _numpy_with_removed_aliases() -> types.ModuleType:
-    """A view of numpy that also answers the aliases the installed NumPy removed."""
-    missing = {k: v for k, v in _REMOVED_NUMPY_ALIASES.items() if k not in np.__dict__}
+def _numpy_view(name_to_value: dict) -> types.ModuleType:
+    """A view of numpy in which ``name_to_value`` replaces or adds attributes."""
     view = types.ModuleType("numpy")
 
     def __getattr__(name):
-        if name in missing:
-            return missing[name]
+        if name in name_to_value:
+            return name_to_value[name]
         return getattr(np, name)
 
     view.__getattr__ = __getattr__
     view.__dict__.update({"__name__": "numpy", "__file__": np.__file__})
     return view
+
+
+def _numpy_with_removed_aliases() -> types.ModuleType:
+    """A view of numpy that also answers the aliases the installed NumPy removed."""
+    return _numpy_view({k: v for k, v in _REMOVED_NUMPY_ALIASES.items() if k not in np.__dict__})
 
 
 class _PkgResourcesShim(types.ModuleType):
@@ -527,20 +531,6 @@ _CITYSCAPES_NUMPY2_USERS = {
     "cityscapesscripts.evaluation.evalInstanceLevelSemanticLabeling": ("in1d", "count_nonzero"),
     "cityscapesscripts.evaluation.evalPixelLevelSemanticLabeling": ("in1d",),
 }
-
-
-def _numpy_view(name_to_value: dict) -> types.ModuleType:
-    """A view of numpy in which ``name_to_value`` replaces or adds attributes."""
-    view = types.ModuleType("numpy")
-
-    def __getattr__(name):
-        if name in name_to_value:
-            return name_to_value[name]
-        return getattr(np, name)
-
-    view.__getattr__ = __getattr__
-    view.__dict__.update({"__name__": "numpy", "__file__": np.__file__})
-    return view
 
 
 def _in1d(ar1, ar2, assume_unique=False, invert=False, **kwargs):

@@ -17,19 +17,9 @@ from unittest import mock
 import numpy as np
 import pytest
 import torch
+from helpers.processes import run_without_compat
 
 from resim_d2 import compat
-
-
-def _run_without(adaptation, code):
-    env = dict(os.environ, RESIM_D2_NO_COMPAT=adaptation)
-    return subprocess.run(
-        [sys.executable, "-c", "import resim_d2\n" + textwrap.dedent(code)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
 
 
 def _needs(key):
@@ -39,7 +29,7 @@ def _needs(key):
 
 def test_pillow_linear():
     _needs("pillow_linear")
-    bad = _run_without("pillow_linear", "import detectron2.data.transforms")
+    bad = run_without_compat("pillow_linear", "import detectron2.data.transforms")
     assert bad.returncode != 0 and "LINEAR" in bad.stderr
     from PIL import Image
 
@@ -53,7 +43,7 @@ def test_pillow_linear():
 
 def test_numpy_aliases_scoped_to_detectron2(synthetic_voc):
     _needs("numpy_aliases")
-    bad = _run_without(
+    bad = run_without_compat(
         "numpy_aliases",
         """
         from detectron2.data.build import print_instances_class_histogram
@@ -79,7 +69,7 @@ def test_numpy_aliases_scoped_to_detectron2(synthetic_voc):
 
 def test_pkg_resources_shim_is_not_global():
     _needs("pkg_resources")
-    bad = _run_without("pkg_resources", "import detectron2.model_zoo")
+    bad = run_without_compat("pkg_resources", "import detectron2.model_zoo")
     assert bad.returncode != 0 and "pkg_resources" in bad.stderr
     from detectron2 import model_zoo
 
@@ -90,7 +80,7 @@ def test_pkg_resources_shim_is_not_global():
 
 def test_missing_compiled_ops_raise_clear_errors():
     _needs("compiled_ops")
-    bad = _run_without("compiled_ops", "import detectron2.layers")
+    bad = run_without_compat("compiled_ops", "import detectron2.layers")
     assert bad.returncode != 0 and "_C" in bad.stderr
     from detectron2.layers import DeformConv, deform_conv
     from detectron2.layers.rotated_boxes import pairwise_iou_rotated
@@ -133,7 +123,7 @@ def test_torch_load_numpy_checkpoint(tmp_path):
         DetectionCheckpointer(torch.nn.Linear(2, 3)).load({path!r})
         """
     # safe_weight_loading also reads NumPy arrays (and only them): both off shows the breakage
-    bad = _run_without("torch_load_numpy,safe_weight_loading", code)
+    bad = run_without_compat("torch_load_numpy,safe_weight_loading", code)
     assert bad.returncode != 0 and "weights_only" in bad.stderr.replace(
         "Weights only", "weights_only"
     )
@@ -160,7 +150,7 @@ def test_map_dataset_retries_a_failed_record():
         ds = MapDataset([0, 1, 2], lambda x: None if x == 0 else x)
         print(ds[0])
         """
-    bad = _run_without("set_sampling", code)
+    bad = run_without_compat("set_sampling", code)
     assert bad.returncode != 0 and "TypeError" in bad.stderr
     from detectron2.data.common import MapDataset
 
@@ -187,7 +177,7 @@ def test_jit_script_warning_silenced_only_for_the_imports_that_script(tmp_path):
         import runpy
         runpy.run_path({str(user)!r})
     """
-    with_fix, without = _run_without("", code), _run_without("jit_script_warning", code)
+    with_fix, without = run_without_compat("", code), run_without_compat("jit_script_warning", code)
     assert with_fix.returncode == 0, with_fix.stderr
     assert with_fix.stderr.count("`torch.jit.script` is") == 1  # the user's call only
     assert without.stderr.count("`torch.jit.script` is") >= 3  # fvcore's 2 and detectron2's 2
@@ -222,11 +212,11 @@ def test_safe_weight_loading(tmp_path):
     # torch>=2.6 defaults to weights_only=True, unless this variable (or an older torch) says no
     env = {"TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD": "1"}
     with mock.patch.dict(os.environ, env):
-        bad = _run_without("safe_weight_loading", code)
+        bad = run_without_compat("safe_weight_loading", code)
     assert (tmp_path / "pkl_ran").exists() and (tmp_path / "pth_ran").exists(), bad.stderr
     os.remove(tmp_path / "pkl_ran"), os.remove(tmp_path / "pth_ran")
     with mock.patch.dict(os.environ, env):
-        good = _run_without("", code)
+        good = run_without_compat("", code)
     assert good.stdout.count("UnsafeCheckpointError") == 2, good.stdout + good.stderr
     assert not (tmp_path / "pkl_ran").exists() and not (tmp_path / "pth_ran").exists()
     # pickle and torch themselves are untouched; only detectron2's/fvcore's readers are routed
@@ -245,7 +235,7 @@ def test_cpu_launch():
         launch = importlib.import_module("detectron2.engine.launch")
         launch._distributed_worker(0, print, 2, 2, 0, "tcp://127.0.0.1:1", ())
         """
-    bad = _run_without("cpu_launch", code)
+    bad = run_without_compat("cpu_launch", code)
     assert bad.returncode != 0 and "cuda is not available" in bad.stderr
     import importlib
 

@@ -2,26 +2,13 @@
 each prevents, in a fresh interpreter with it turned off, and the result with it on."""
 
 import importlib.util
-import os
-import subprocess
-import sys
 import textwrap
 
 import numpy as np
 import pytest
+from helpers.processes import run_without_compat
 
 from resim_d2 import compat
-
-
-def _run_without(adaptation, code, env=None):
-    env = dict(os.environ, **(env or {}), RESIM_D2_NO_COMPAT=adaptation)
-    return subprocess.run(
-        [sys.executable, "-c", "import resim_d2\n" + textwrap.dedent(code)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
 
 
 def _needs(key):
@@ -58,7 +45,7 @@ def _run_here(code, capsys):
 def test_cityscapes_numpy2(tmp_path, monkeypatch, capsys):
     _needs("cityscapes_numpy2")
     code = _CITYSCAPES_EVAL.format(folder=str(tmp_path / "a"), prelude="")
-    bad = _run_without("cityscapes_numpy2", code)
+    bad = run_without_compat("cityscapes_numpy2", code)
     assert bad.returncode != 0
     assert "in1d" in bad.stderr or "'numpy.int64' object has no attribute '__dict__'" in bad.stderr
     if (
@@ -67,7 +54,7 @@ def test_cityscapes_numpy2(tmp_path, monkeypatch, capsys):
     ):  # past np.in1d (given back by hand), NumPy 2's counts break the JSON output
         prelude = "np.in1d = lambda a, b, **k: np.isin(np.ravel(a), b, **k)"
         code = _CITYSCAPES_EVAL.format(folder=str(tmp_path / "c"), prelude=prelude)
-        bad = _run_without("cityscapes_numpy2", code)
+        bad = run_without_compat("cityscapes_numpy2", code)
         assert bad.returncode != 0 and "has no attribute '__dict__'" in bad.stderr, bad.stderr
     monkeypatch.chdir(tmp_path)  # (the code changes the working directory)
     out = _run_here(_CITYSCAPES_EVAL.format(folder=str(tmp_path / "b"), prelude=""), capsys)
@@ -92,7 +79,7 @@ def test_densepose_numpy_aliases(capsys):
     print(np.cumsum(tps, axis=1).astype(dtype=__import__(
         "densepose.evaluation.densepose_coco_evaluation", fromlist=["np"]).np.float).tolist())
     """
-    bad = _run_without("densepose_numpy_aliases", code)
+    bad = run_without_compat("densepose_numpy_aliases", code)
     assert bad.returncode != 0 and "has no attribute 'float'" in bad.stderr
     assert "[[1.0, 1.0, 2.0]]" in _run_here(code, capsys)
     assert "int" not in np.__dict__ and "float" not in np.__dict__

@@ -6,6 +6,7 @@ import functools
 
 import pytest
 import torch
+from helpers.processes import run_gloo_workers
 from helpers.resim_model import (
     build,
     loss_values,
@@ -154,20 +155,8 @@ def test_compiled_encoders_under_ddp_match_eager():
     # RESIM.SPEED.COMPILE inside DistributedDataParallel (2 gloo processes): after a compiled
     # step and an SGD update, the next step's losses and all-reduced gradients equal those of an
     # eager DDP copy of the model at the same state
-    import os
-    import tempfile
 
-    import torch.multiprocessing as mp
-
-    with tempfile.TemporaryDirectory() as tmp:
-        mp.start_processes(
-            _gloo_compile_worker,
-            args=(2, os.path.join(tmp, "init"), os.path.join(tmp, "r")),
-            nprocs=2,
-            join=True,
-            start_method="spawn",
-        )
-        outs = [torch.load(os.path.join(tmp, f"r.{r}")) for r in range(2)]
+    outs = run_gloo_workers(_gloo_compile_worker, 2)
     for o in outs:
         _assert_same_step(o["eager"], o["compiled"])
     # DDP averaged the compiled gradients over the two processes

@@ -3,6 +3,7 @@ DDP steps against one process."""
 
 import torch
 import torch.nn.functional as F
+from helpers.processes import run_gloo_workers
 from helpers.resim_model import (
     build,
     loss_values,
@@ -64,21 +65,9 @@ def _gloo_worker(rank, world, init_file, out_file):
 
 
 def test_two_processes_gloo_collectives_shuffle_bn_and_normalisation():
-    import os
-    import tempfile
-
-    import torch.multiprocessing as mp
 
     world = 2
-    with tempfile.TemporaryDirectory() as tmp:
-        mp.start_processes(
-            _gloo_worker,
-            args=(world, os.path.join(tmp, "init"), os.path.join(tmp, "r")),
-            nprocs=world,
-            join=True,
-            start_method="spawn",
-        )
-        outs = [torch.load(os.path.join(tmp, f"r.{r}")) for r in range(world)]
+    outs = run_gloo_workers(_gloo_worker, world)
     # collectives
     xs = [torch.arange(4, dtype=torch.float32).view(2, 2) + 10 * r for r in range(world)]
     for r, o in enumerate(outs):

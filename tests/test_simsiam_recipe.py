@@ -5,10 +5,10 @@ norm equal to one process's over all rows; and the MoCo configs' grouped batch n
 import glob
 import math
 import os
-import tempfile
 
 import pytest
 import torch
+from helpers.processes import run_gloo_workers
 from torch import nn
 
 from resim_d2 import add_resim_config, get_config_file
@@ -182,17 +182,7 @@ def _sync_data():
 
 
 def test_synchronised_masked_batch_norm_equals_one_process_over_all_rows():
-    import torch.multiprocessing as mp
-
-    with tempfile.TemporaryDirectory() as tmp:
-        mp.start_processes(
-            _sync_worker,
-            args=(2, os.path.join(tmp, "init"), os.path.join(tmp, "r")),
-            nprocs=2,
-            join=True,
-            start_method="spawn",
-        )
-        outs = [torch.load(os.path.join(tmp, f"r.{r}")) for r in range(2)]
+    outs = run_gloo_workers(_sync_worker, 2)
     x, mask, grad = _sync_data()
     # independent reference: plain BatchNorm1d on the valid rows of both processes together
     ref = nn.BatchNorm1d(3)

@@ -3,12 +3,11 @@ gloo processes with plain per-process BatchNorm and shuffle-BN train; the key en
 the shuffled images per group; the batch-norm leak is warned about exactly when it happens."""
 
 import logging
-import os
-import tempfile
 
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers.processes import run_gloo_workers
 from helpers.resim_model import build, make_batch, tiny_resim_cfg, total_loss
 
 from resim_d2.layers.group_batch_norm import GroupBatchNorm2d
@@ -68,18 +67,8 @@ def _gloo_worker(rank, world, init_file, out_file):
 
 
 def test_one_process_with_two_groups_equals_two_processes(monkeypatch):
-    import torch.multiprocessing as mp
-
     world = 2
-    with tempfile.TemporaryDirectory() as tmp:
-        mp.start_processes(
-            _gloo_worker,
-            args=(world, os.path.join(tmp, "init"), os.path.join(tmp, "r")),
-            nprocs=world,
-            join=True,
-            start_method="spawn",
-        )
-        outs = [torch.load(os.path.join(tmp, f"r.{r}")) for r in range(world)]
+    outs = run_gloo_workers(_gloo_worker, world)
     ddp_losses = {k: sum(o["losses"][k] for o in outs) / world for k in outs[0]["losses"]}
     ddp_grads = outs[0]["grads"]
     for name, g in outs[1]["grads"].items():  # DDP: every rank holds the averaged gradient
