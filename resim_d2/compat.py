@@ -275,12 +275,19 @@ def _pillow_linear():
         APPLIED["pillow_linear"] = "Pillow>=10 removed Image.LINEAR (alias of BILINEAR)"
 
 
-def _numpy_aliases():
+def _give_numpy_aliases(modules) -> bool:
+    """Let ``modules`` see NumPy with the aliases it removed; False where none is missing."""
     if all(k in np.__dict__ for k in _REMOVED_NUMPY_ALIASES):
-        return
+        return False
     view = _numpy_with_removed_aliases()
-    for name in _NUMPY_ALIAS_USERS:
+    for name in modules:
         _patch_module(name, after=lambda m: setattr(m, "np", view))
+    return True
+
+
+def _numpy_aliases():
+    if not _give_numpy_aliases(_NUMPY_ALIAS_USERS):
+        return
     APPLIED["numpy_aliases"] = "NumPy>=1.24 removed np.int/np.float/np.str (and 1.24-1.26 np.bool)"
 
 
@@ -545,11 +552,8 @@ def _count_nonzero_as_int(a, axis=None, **kwargs):
 
 
 def _densepose_numpy_aliases():
-    if all(k in np.__dict__ for k in _REMOVED_NUMPY_ALIASES):
+    if not _give_numpy_aliases(_DENSEPOSE_NUMPY_ALIAS_USERS):
         return
-    view = _numpy_with_removed_aliases()
-    for name in _DENSEPOSE_NUMPY_ALIAS_USERS:
-        _patch_module(name, after=lambda m: setattr(m, "np", view))
     APPLIED["densepose_numpy_aliases"] = (
         "NumPy>=1.24 removed np.int/np.float (DensePose GPS evaluation, visualisation)"
     )

@@ -91,24 +91,20 @@ def _write_when_recording():
             f.write("\n")
 
 
-def check(name, value):
-    """Record ``value`` under ``name`` or compare it with the recorded one."""
+def check(name, value, compare=None):
+    """Record ``value`` under ``name`` or compare it with the recorded one (``compare(pinned,
+    value, name)``, by default the tolerances of :func:`_compare`)."""
     if RECORD:
         _recorded[name] = value
         return
     if name not in PINNED:
         pytest.fail(f"{DATA} has no {name!r}: record it with RESIM_RECORD_REGRESSION=1")
-    _compare(PINNED[name], value, name)
+    (compare or _compare)(PINNED[name], value, name)
 
 
 def check_steps(name, steps):
     """Record training ``steps`` under ``name`` or compare them with the recorded ones."""
-    if RECORD:
-        _recorded[name] = steps
-        return
-    if name not in PINNED:
-        pytest.fail(f"{DATA} has no {name!r}: record it with RESIM_RECORD_REGRESSION=1")
-    compare_steps(PINNED[name], steps, name)
+    check(name, steps, compare_steps)
 
 
 def close(actual, expected, rtol, atol, where):
