@@ -8,7 +8,7 @@ Both paths run in this one process, one after the other, on the same JPEG files 
 stream (seed 0), with ``--workers`` dataloader workers each:
 
 * cpu: :func:`build_pretrain_train_loader` (TwoViewMapper in the workers); each batch's views are
-  stacked and copied to the device, as ``ReSim._images`` does;
+  stacked and copied to the device, as ``ReSim.preprocess_image`` does;
 * gpu: :func:`build_gpu_pretrain_loader` (workers read files and draw parameters; decoding, crops,
   flips, colour and blur on the device, ``RESIM.GPU_VIEWS.PREFETCH`` batches ahead);
 * gpu views alone: ``GPUViews`` on already-collated batches, no workers: what the device side can
@@ -103,7 +103,7 @@ def sync(device):
 
 
 def to_device(batch, device):
-    """What ReSim._images does with a CPU-path batch: stack the views and copy them over."""
+    """What ReSim.preprocess_image does with a CPU-path batch: stack the views, copy them over."""
     for key in ("image_q", "image_k"):
         torch.stack([d[key] for d in batch]).to(device, non_blocking=True)
 

@@ -29,7 +29,7 @@ import torch
 import resim_d2  # noqa: F401
 from resim_d2 import add_resim_config, get_config_file
 from resim_d2.data.view_geometry import make_windows, sample_view_pair
-from resim_d2.modeling.meta_arch import CUDAGRAPH_MODES
+from resim_d2.modeling.precision import CUDAGRAPH_MODES
 
 from detectron2.config import get_cfg
 from detectron2.modeling import build_model

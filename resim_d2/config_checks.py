@@ -8,8 +8,9 @@ with ``valid_per_image 0`` and no region loss, so ReSim silently becomes MoCo-v2
 * logs a warning for settings that leave a branch idle but that a user may mean, or that the data
   may still make work (e.g. windows that fit only when the two views nearly coincide).
 
-Checks that need the built model (a feature the backbone does not produce) are made where the
-model is built (``ReSim.from_config``).
+:func:`check_pretrain_model` validates every setting the ReSim model reads, with the backbone's
+output shapes (a feature the backbone does not produce), where the model is built
+(``ReSim.from_config``); the model's parts then trust their arguments.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import re
 
 import numpy as np
 
-__all__ = ["ConfigError", "check_config", "config_problems"]
+__all__ = ["ConfigError", "check_config", "config_problems", "check_pretrain_model"]
 
 logger = logging.getLogger(__name__)
 
@@ -164,3 +165,105 @@ def check_config(cfg) -> list[str]:
     for w in warnings:
         logger.warning(f"config: {w}")
     return warnings
+
+
+# ---------------------------------------------------------------- the ReSim model's settings
+_TRAINABLE_NORMS = ("BN", "SyncBN", "naiveSyncBN", "nnSyncBN", "GN")
+_SYNC_NORMS = ("SyncBN", "naiveSyncBN", "nnSyncBN")
+_POOLER_TYPES = ("PrRoIPool", "ROIAlign")
+_REGION_HEADS = ("conv", "none")
+
+
+def _model_problems(cfg, shapes: dict | None) -> list[str]:
+    from .modeling.precision import AMP_DTYPES, COMPILE_MODES
+
+    r, rn = cfg.RESIM, cfg.MODEL.RESNETS
+    errors = []
+    if rn.NORM not in _TRAINABLE_NORMS:
+        errors.append(
+            f"ReSim pre-training needs trainable norms: MODEL.RESNETS.NORM must be one of "
+            f"{_TRAINABLE_NORMS}, got '{rn.NORM}'"
+        )
+    if cfg.MODEL.BACKBONE.FREEZE_AT != 0:
+        errors.append("ReSim pre-training trains the whole encoder: set MODEL.BACKBONE.FREEZE_AT 0")
+    if rn.STRIDE_IN_1X1:
+        errors.append(
+            "ReSim uses torchvision-style ResNets (stride in the 3x3 conv): set "
+            "MODEL.RESNETS.STRIDE_IN_1X1 False"
+        )
+    framework = r.GLOBAL.FRAMEWORK.lower()
+    if framework == "moco":
+        if r.MOCO.BN not in ("shuffle", "sync"):
+            errors.append(f"RESIM.MOCO.BN must be 'shuffle' or 'sync', got '{r.MOCO.BN}'")
+        if r.MOCO.BN == "sync" and rn.NORM not in _SYNC_NORMS:
+            errors.append(
+                "RESIM.MOCO.BN 'sync' needs synchronised norms: set MODEL.RESNETS.NORM 'SyncBN'"
+            )
+        if r.MOCO.QUEUE_SIZE % cfg.SOLVER.IMS_PER_BATCH != 0:
+            errors.append(
+                f"RESIM.MOCO.QUEUE_SIZE ({r.MOCO.QUEUE_SIZE}) must be divisible by the global "
+                f"batch SOLVER.IMS_PER_BATCH ({cfg.SOLVER.IMS_PER_BATCH})"
+            )
+    if r.BN_GROUP_IMAGES < 0:
+        errors.append(f"RESIM.BN_GROUP_IMAGES must be >= 0, got {r.BN_GROUP_IMAGES}")
+    if r.SIMSIAM.REGION_LOSS.lower() not in ("cosine", "infonce"):
+        errors.append(
+            "RESIM.SIMSIAM.REGION_LOSS must be 'cosine' or 'infonce', got "
+            f"'{r.SIMSIAM.REGION_LOSS}'"
+        )
+    if shapes is not None and r.GLOBAL.IN_FEATURE not in shapes:
+        errors.append(
+            f"RESIM.GLOBAL.IN_FEATURE '{r.GLOBAL.IN_FEATURE}' is not a backbone output "
+            f"({sorted(shapes)}); add it to MODEL.RESNETS.OUT_FEATURES"
+        )
+    if r.SPEED.AMP_DTYPE not in AMP_DTYPES:
+        errors.append(f"RESIM.SPEED.AMP_DTYPE must be one of {sorted(AMP_DTYPES)}")
+    if r.SPEED.COMPILE_MODE not in COMPILE_MODES:
+        errors.append(
+            f"RESIM.SPEED.COMPILE_MODE must be one of {COMPILE_MODES}, got "
+            f"'{r.SPEED.COMPILE_MODE}'"
+        )
+    if r.REGION.ENABLED:
+        errors += _region_problems(cfg, shapes)
+    return errors
+
+
+def _region_problems(cfg, shapes: dict | None) -> list[str]:
+    region = cfg.RESIM.REGION
+    features = list(region.IN_FEATURES)
+    errors = []
+    for key in ("LOSS_WEIGHTS", "NEG_POOL_KERNELS", "GATHER_NEGATIVES", "NEG_GROUP_IMAGES"):
+        if len(region[key]) != len(features):
+            errors.append(
+                f"RESIM.REGION.{key} has {len(region[key])} entries but IN_FEATURES has "
+                f"{len(features)} ({features})"
+            )
+    if region.POOLER_TYPE not in _POOLER_TYPES:
+        errors.append(f"RESIM.REGION.POOLER_TYPE must be one of {_POOLER_TYPES}")
+    if region.HEAD.lower() not in _REGION_HEADS:
+        errors.append(f"RESIM.REGION.HEAD must be 'conv' or 'none', got '{region.HEAD}'")
+    for f in features if shapes is not None else ():
+        if f not in shapes:
+            errors.append(
+                f"RESIM.REGION.IN_FEATURES '{f}' is not a backbone output ({sorted(shapes)})"
+            )
+    for f, g, gather in zip(features, region.NEG_GROUP_IMAGES, region.GATHER_NEGATIVES):
+        if g < -1 or (g != 0 and gather):
+            what = "-1 (RESIM.BN_GROUP_IMAGES)" if g == -1 else str(g)
+            errors.append(
+                f"RESIM.REGION.NEG_GROUP_IMAGES for '{f}' is {what}: it must be >= 0 (or -1), and "
+                "0 when its GATHER_NEGATIVES is True (gathered negatives are one set)"
+            )
+    return errors
+
+
+def check_pretrain_model(cfg, shapes: dict | None = None) -> None:
+    """Raise :class:`ConfigError` naming every ReSim model setting that cannot work.
+
+    ``shapes``: {name: ShapeSpec} of the built backbone's outputs (bottom-up maps included); None
+    (before the backbone is built) skips the checks that need them."""
+    errors = _model_problems(cfg, shapes)
+    if errors:
+        raise ConfigError(
+            "the ReSim model cannot be built:\n" + "\n".join(f"  - {e}" for e in errors)
+        )

@@ -51,7 +51,7 @@ def _gloo_worker(rank, world, init_file, out_file):
         for mode in ("shuffle", "off"):
             model = build(cfg)
             model.train()
-            model.moco_bn = mode
+            model.objective.shuffle_bn = mode == "shuffle"
             res[mode] = loss_values(model(batch))
         ddp = DDP(model)
         opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01)

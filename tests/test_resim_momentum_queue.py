@@ -56,17 +56,17 @@ def test_queue_enqueue_and_wrap():
     cfg.RESIM.MOCO.QUEUE_SIZE = 8
     model = build(cfg)
     keys = [F.normalize(torch.randn(4, 16), dim=1) for _ in range(3)]
-    model.dequeue_and_enqueue(keys[0])
+    model.objective.dequeue_and_enqueue(model, keys[0])
     assert int(model.queue_ptr) == 4
     torch.testing.assert_close(model.queue[:, :4], keys[0].t())
-    model.dequeue_and_enqueue(keys[1])
+    model.objective.dequeue_and_enqueue(model, keys[1])
     assert int(model.queue_ptr) == 0
-    model.dequeue_and_enqueue(keys[2])
+    model.objective.dequeue_and_enqueue(model, keys[2])
     assert int(model.queue_ptr) == 4
     torch.testing.assert_close(model.queue[:, :4], keys[2].t())
     torch.testing.assert_close(model.queue[:, 4:], keys[1].t())
     with pytest.raises(ValueError, match="divisible"):
-        model.dequeue_and_enqueue(torch.randn(3, 16))
+        model.objective.dequeue_and_enqueue(model, torch.randn(3, 16))
     # a training forward enqueues this batch's keys
     model.train()
     before = model.queue.clone()

@@ -71,7 +71,7 @@ def test_moco_configs_group_their_batch_norms_per_32_images(path):
     expected = 8 if "demo" in os.path.basename(path) else 32  # the demo: 4 groups of 8 at 32
     assert cfg.RESIM.BN_GROUP_IMAGES == expected
     if "p3" in cfg.RESIM.REGION.IN_FEATURES and cfg.RESIM.REGION.ENABLED:
-        assert model.neg_group_images["p3"] == 32  # P3 negatives per emulated GPU
+        assert model.region_branches["p3"].neg_group_images == 32  # P3 negatives per emulated GPU
 
 
 def test_fixed_groups_keep_their_lr_while_the_others_follow_warmup_and_cosine():

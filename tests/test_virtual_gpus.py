@@ -118,7 +118,7 @@ def test_key_encoder_normalises_each_group_of_the_shuffled_images(monkeypatch):
         lambda m, inp, out: seen.update(inp=inp[0].clone(), out=out.clone())
     )
     with torch.no_grad():
-        x_k = model._images(batch, "image_k")
+        x_k = model.preprocess_image(batch, "image_k")
         model(batch)
         # independent reference: the stem conv of the images of each key group, in group order
         # (rows of group g at k % 2 == g), normalised with that group's own statistics
@@ -138,7 +138,7 @@ def test_key_encoder_normalises_each_group_of_the_shuffled_images(monkeypatch):
 def _warnings(caplog, cfg, batch=4, steps=2):
     model = build(cfg)
     model.train()
-    with caplog.at_level(logging.WARNING, logger="resim_d2.modeling.meta_arch"):
+    with caplog.at_level(logging.WARNING, logger="resim_d2.modeling.moco"):
         caplog.clear()
         for _ in range(steps):
             model(make_batch(cfg, B=batch, seed=1))

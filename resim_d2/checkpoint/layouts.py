@@ -119,10 +119,10 @@ SOURCE_LAYOUTS = (
     ),
     SourceLayout(
         name="torchvision",
+        unwrap_module=True,  # also saved from a DataParallel model ('module.conv1.weight', ...)
         description="torchvision ImageNet classification state_dict ('conv1.weight', "
         "'bn1.weight', 'layer1.0.conv1.weight', 'fc.weight')",
         markers=(("conv1.weight", "layer1.0.conv1.weight"),),
-        unwrap_module=True,
         encoder=((re.compile(r"^(module\.)?"), TORCHVISION_RULES + FPN_RULES),),
         skip=(("fc.", "ImageNet classifier (fc)"),),
     ),
