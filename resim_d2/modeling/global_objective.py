@@ -52,15 +52,11 @@ class GlobalObjective:
     """Interface of a global objective; see the module docstring.
 
     Attributes:
-        momentum_key_encoder: whether the key view goes through a momentum copy of the query
-            encoder and heads (``backbone_k``, ``global_head_k``, ``region_heads_k``).
-        bn_group_images: images per batch-norm group of the encoders (0: the process's batch).
-        key_region_grad: whether region branches get gradients through the key view's maps.
+        bn_group_images: images per batch-norm group of the encoders (0: the process's batch);
+            the model converts its batch norms when it is set.
     """
 
-    momentum_key_encoder = False
     bn_group_images = 0
-    key_region_grad = False
 
     def build_heads(self, input_shape: ShapeSpec) -> dict[str, nn.Module]:
         """The objective's trainable modules by the name the model registers them under:

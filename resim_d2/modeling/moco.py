@@ -17,7 +17,6 @@ leaks batch statistics from query to key encoder; the first training step then l
 
 from __future__ import annotations
 
-import copy
 import logging
 
 import torch
@@ -34,21 +33,16 @@ from .batch_order import BatchOrder
 from .global_objective import GLOBAL_OBJECTIVE_REGISTRY, EncodedView, GlobalObjective
 from .heads import MoCoMLP
 from .losses import global_infonce
+from .momentum_encoder import add_momentum_encoder, momentum_update
 
 __all__ = ["MoCo"]
 
 logger = logging.getLogger(__name__)
 
-# the modules of the query side and their momentum copies on the model
-_KEY_PAIRS = (("backbone", "backbone_k"), ("global_head", "global_head_k"))
-_KEY_PAIRS += (("region_heads", "region_heads_k"),)
-
 
 @GLOBAL_OBJECTIVE_REGISTRY.register()
 class MoCo(GlobalObjective):
     """MoCo-v2: momentum key encoder, queue of negative keys, shuffle-BN (module docstring)."""
-
-    momentum_key_encoder = True
 
     @configurable
     def __init__(
@@ -99,11 +93,7 @@ class MoCo(GlobalObjective):
         return {"global_head": MoCoMLP(input_shape.channels, self.mlp_dim, self.dim)}
 
     def attach(self, model: nn.Module) -> None:
-        for name_q, name_k in _KEY_PAIRS:
-            key_side = copy.deepcopy(getattr(model, name_q))
-            for p in key_side.parameters():
-                p.requires_grad_(False)
-            model.add_module(name_k, key_side)
+        add_momentum_encoder(model)
         model.register_buffer("queue", F.normalize(torch.randn(self.dim, self.queue_size), dim=0))
         model.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
 
@@ -119,7 +109,7 @@ class MoCo(GlobalObjective):
     def encode_keys(self, model: nn.Module, x_k: torch.Tensor) -> EncodedView:
         batch = x_k.shape[0]
         self._check_leak(model, batch)
-        self.momentum_update(model)
+        momentum_update(model, self.momentum)
         groups = self.groups(batch)
         shuffle = self.shuffle_bn and (comm.get_world_size() > 1 or groups > 1)
         order = BatchOrder(groups, shuffle=shuffle, batch=batch, device=x_k.device)
@@ -133,18 +123,6 @@ class MoCo(GlobalObjective):
 
     def after_step(self, model: nn.Module, key: EncodedView) -> None:
         self.dequeue_and_enqueue(model, F.normalize(key.embedding.float(), dim=1))
-
-    @torch.no_grad()
-    def momentum_update(self, model: nn.Module) -> None:
-        """θk <- m θk + (1 - m) θq over every parameter of the key encoder and key heads."""
-        params_q, params_k = [], []
-        for name_q, name_k in _KEY_PAIRS:
-            params_q.extend(getattr(model, name_q).parameters())
-            params_k.extend(getattr(model, name_k).parameters())
-        if not params_k:
-            return
-        torch._foreach_mul_(params_k, self.momentum)
-        torch._foreach_add_(params_k, params_q, alpha=1.0 - self.momentum)
 
     @torch.no_grad()
     def dequeue_and_enqueue(self, model: nn.Module, keys: torch.Tensor) -> None:
