@@ -203,7 +203,7 @@ def test_simsiam_loss_matches_direct():
 def test_region_negatives_count_resim_c4_batch256():
     """Appendix A.1: C4, batch 256, 224 px -> 14x14 maps, 3x3 stride-1 pooling -> 12*12*256."""
     key_map = torch.randn(256, 128, 14, 14)
-    negs = region_negatives(key_map, 3, gather=True)  # gather is a no-op in one process
+    negs = region_negatives(key_map, 3)
     assert negs.shape == (12 * 12 * 256, 128) == (36864, 128)
     torch.testing.assert_close(negs.norm(dim=1), torch.ones(36864))
     # P3 per GPU (batch 32 of 256 on 8 GPUs, 28x28 maps, 3x3 as the released code): 26*26*256/8

@@ -146,7 +146,9 @@ class RegionInfoNCE(RegionBranch):
         k = F.normalize(self.pool(k_map, windows.boxes_k, k_order), dim=-1)
         if self.gather_negatives or k_order.is_identity:
             # a gathered set is the same whatever the order, so it needs no reordering
-            neg = region_negatives(k_map, self.neg_pool_kernel, self.gather_negatives)
+            neg = region_negatives(k_map, self.neg_pool_kernel)
+            if self.gather_negatives:  # the negatives of every process, one set
+                neg = dist_utils.concat_all_gather(neg)
         else:  # per-group negatives must come from the group's own images
             neg = region_negatives(k_map, self.neg_pool_kernel).view(
                 k_map.shape[0], -1, k_map.shape[1]

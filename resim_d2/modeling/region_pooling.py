@@ -17,8 +17,6 @@ from torchvision.ops import roi_align
 
 from resim_d2.layers import prroi_pool
 
-from .distributed import concat_all_gather
-
 __all__ = ["POOLER_TYPES", "pool_regions", "region_negatives"]
 
 POOLER_TYPES = ("PrRoIPool", "ROIAlign")
@@ -66,25 +64,21 @@ def pool_regions(
     return out.reshape(B, M, C)
 
 
-def region_negatives(key_map: torch.Tensor, kernel: int, gather: bool = False) -> torch.Tensor:
+def region_negatives(key_map: torch.Tensor, kernel: int) -> torch.Tensor:
     """Region negatives from a key feature map: stride-1 ``kernel`` x ``kernel`` average pooling,
     L2-normalised over channels, every position of every image (positives' own locations included).
 
     Args:
         key_map: (B, D, H, W) key-view map (after the region head); treated as constant.
         kernel: average-pool kernel = window / stride (3 on C4/P4 and, as the released code, on P3).
-        gather: concatenate the negatives of all ranks (no gradient); no-op in one process.
 
     Returns:
-        (world * B * (H - kernel + 1) * (W - kernel + 1), D) float32 when gathered, else
-        (B * (H - kernel + 1) * (W - kernel + 1), D); rows image-major, then row-major positions.
+        (B * (H - kernel + 1) * (W - kernel + 1), D) float32; rows image-major, then row-major
+        positions.
         ReSim-C4 at batch 256, 224 px: 256 * 12 * 12 = 36,864 rows.
     """
     with torch.no_grad():
         pooled = F.avg_pool2d(key_map.detach().float(), kernel_size=kernel, stride=1)
         pooled = F.normalize(pooled, dim=1)
         D = pooled.shape[1]
-        neg = pooled.permute(0, 2, 3, 1).reshape(-1, D)
-        if gather:
-            neg = concat_all_gather(neg)
-    return neg
+        return pooled.permute(0, 2, 3, 1).reshape(-1, D)
