@@ -11,7 +11,8 @@ the workers with :func:`~resim_d2.data.image_io.load_rgb_image`, as in the CPU p
 A JPEG whose header and end marker are intact but whose scan data is corrupt is refused by PIL in
 the CPU path, while nvJPEG's hardware decoder may return an image of garbage without an error (with
 ``decode="worker"`` it is skipped as in the CPU path). torchvision's CPU decoder refuses it; it is
-then decoded by PIL on the host (:func:`decode_batch`), and failing that reported as failed.
+then decoded by PIL on the host (:func:`decode_batch`), and failing that reported as failed
+(:class:`~resim_d2.data.gpu.views.GPUViews` counts it as skipped and replaces it).
 """
 
 from __future__ import annotations
@@ -140,12 +141,15 @@ def resolve_decode(mode: str, device: torch.device) -> str:
     return "worker"
 
 
-def decode_batch(packed: dict, device: torch.device) -> tuple[list[torch.Tensor | None], list[int]]:
+def decode_batch(
+    packed: dict, device: torch.device
+) -> tuple[list[torch.Tensor | None], dict[int, str]]:
     """The images of a packed batch (:class:`~resim_d2.data.gpu.loader.GPUViewsCollator`), upright.
 
     Returns:
-        B uint8 (3, H_i, W_i) images on ``device`` (None where decoding failed), and the indices
-        of the images that failed (the device's decoder, then PIL's, refused them).
+        B uint8 (3, H_i, W_i) images on ``device`` (None where decoding failed), and
+        ``{index: reason}`` of the images that failed (the device's decoder, then PIL's, refused
+        them).
     """
     B = len(packed["file_names"])
     images: list[torch.Tensor | None] = [None] * B
@@ -161,7 +165,7 @@ def decode_batch(packed: dict, device: torch.device) -> tuple[list[torch.Tensor 
             images[i] = pixels[offs[i] : offs[i + 1]].view(h, w, 3).permute(2, 0, 1)
     jpegs = [i for i in range(B) if not decoded[i]]
     if not jpegs:
-        return images, []
+        return images, {}
     offs = packed["data_offsets"].tolist()
     datas = [packed["data"][offs[i] : offs[i + 1]] for i in jpegs]
     orientations = packed["orientations"].tolist()
@@ -169,26 +173,27 @@ def decode_batch(packed: dict, device: torch.device) -> tuple[list[torch.Tensor 
         out = _decode_jpegs(datas, device)
     except RuntimeError:  # one bad file fails the whole batch: decode one by one
         out = [None] * len(jpegs)
-    failed = []
+    failed = {}
     for n, i in enumerate(jpegs):
         if out[n] is not None:
             images[i] = apply_exif_orientation(out[n], orientations[i])
         else:
-            images[i] = _decode_one(datas[n], packed["file_names"][i], orientations[i], device)
+            name = packed["file_names"][i]
+            images[i], reason = _decode_one(datas[n], name, orientations[i], device)
             if images[i] is None:
-                failed.append(i)
+                failed[i] = reason
     return images, failed
 
 
 def _decode_one(data: torch.Tensor, file_name: str, orientation: int, device: torch.device):
-    """One JPEG on the device, else on the host with PIL (upright), else None."""
+    """One JPEG on the device, else on the host with PIL (upright): ``(image, None)``, or
+    ``(None, why PIL refused it)``."""
     try:
-        return apply_exif_orientation(_decode_jpegs([data], device)[0], orientation)
+        return apply_exif_orientation(_decode_jpegs([data], device)[0], orientation), None
     except RuntimeError as e:
         logger.warning(f"GPUViews: {file_name} does not decode on {device} ({e})")
     try:  # PIL's decoder, as the CPU path (it applies the EXIF orientation itself)
         image = load_rgb_image(file_name)
     except ImageLoadError as e:
-        logger.warning(f"GPUViews: skipping {file_name} ({e})")
-        return None
-    return host_image(image, device)
+        return None, str(e)
+    return host_image(image, device), None

@@ -44,6 +44,7 @@ from detectron2.utils.file_io import PathManager
 
 from ..image_io import ImageLoadError, load_rgb_image
 from ..skip_report import SkipCollector
+from ..skips import MAX_CONSECUTIVE_SKIPS, SkipCounter
 from ..stream import StreamDataset, StreamSampler
 from ..view_params import ViewParamSampler
 from .decode import probe_jpeg, resolve_decode
@@ -70,18 +71,25 @@ class RawViewReader:
          **ViewParamSampler(rng, (h, w))}   # crop_q, crop_k, flip, color, windows
     """
 
-    def __init__(self, param_sampler: ViewParamSampler, decode_in_worker: bool = False):
+    def __init__(
+        self,
+        param_sampler: ViewParamSampler,
+        decode_in_worker: bool = False,
+        max_consecutive_skips: int = MAX_CONSECUTIVE_SKIPS,
+    ):
         self.param_sampler = param_sampler
         self.decode_in_worker = bool(decode_in_worker)
-        # skipped files since the previous sample, reported with the next one (as TwoViewMapper)
-        self._pending: list[tuple[str, str]] = []
-        self.log_skips = True
+        # skipped files, reported with the next sample (as TwoViewMapper), and the give-up rule
+        self.skips = SkipCounter("RawViewReader", limit=max_consecutive_skips)
 
-    def _skip(self, file_name: str, reason: str) -> None:
-        prefix = f"{file_name}: "  # ImageLoadError messages start with the file's name
-        self._pending.append((str(file_name), reason.removeprefix(prefix)))
-        if self.log_skips:
-            logger.warning(f"RawViewReader: skipping {file_name} ({reason})")
+    @property
+    def log_skips(self) -> bool:
+        """Log each skipped file (the training loader sets False: the batches carry them)."""
+        return self.skips.log
+
+    @log_skips.setter
+    def log_skips(self, value: bool):
+        self.skips.log = bool(value)
 
     def __repr__(self):
         return (
@@ -113,7 +121,7 @@ class RawViewReader:
             try:
                 image = load_rgb_image(file_name)
             except ImageLoadError as e:
-                self._skip(file_name, str(e))
+                self.skips.skip(file_name, str(e))
                 return None
             sample = {
                 "data": None,
@@ -125,8 +133,8 @@ class RawViewReader:
         sample["file_name"] = file_name
         if "image_id" in record:
             sample["image_id"] = record["image_id"]
-        sample["num_skipped"], sample["skipped"] = len(self._pending), self._pending
-        self._pending = []
+        self.skips.used()
+        sample["num_skipped"], sample["skipped"] = self.skips.take()
         return sample
 
 
@@ -228,16 +236,16 @@ class GPUViewsLoader(SkipCollector):
     def __iter__(self):
         if self.prefetch <= 0:
             for packed in self.data_loader:
-                yield self.note(self._views(packed))
+                batch = self._views(packed)
+                if batch is not None:
+                    yield self.note(batch)
             return
         for batch in self._threaded():
             yield self.note(batch)
 
-    def _views(self, packed: dict) -> list[dict]:
-        batch = self.views(packed)
-        for d, skipped in zip(batch, packed.get("skipped") or ()):
-            d["skipped"] = skipped  # the files the workers skipped, for the run's log
-        return batch
+    def _views(self, packed: dict) -> list[dict] | None:
+        """The batch's views; None for a batch of which no image could be used (dropped)."""
+        return self.views(packed)
 
     def _threaded(self):
         device = self.views.device
@@ -264,6 +272,8 @@ class GPUViewsLoader(SkipCollector):
                     ctx = torch.cuda.stream(stream) if cuda else contextlib.nullcontext()
                     with ctx:
                         batch = self._views(packed)
+                        if batch is None:
+                            continue
                         event = torch.cuda.Event() if cuda else None
                         if cuda:
                             event.record(stream)
@@ -329,7 +339,10 @@ def build_gpu_pretrain_loader(cfg, start_iter=0, seed=None, dataset=None, device
         device = torch.device("cuda", torch.cuda.current_device())
     decode = resolve_decode(cfg.RESIM.GPU_VIEWS.DECODE, device)
     param_sampler = ViewParamSampler.from_config(cfg)
-    reader = RawViewReader(param_sampler, decode_in_worker=decode == "worker")
+    limit = cfg.RESIM.VIEWS.MAX_CONSECUTIVE_SKIPS
+    reader = RawViewReader(
+        param_sampler, decode_in_worker=decode == "worker", max_consecutive_skips=limit
+    )
     reader.log_skips = False  # the files travel with the batches (SkipReportingLoader)
     sampler = StreamSampler(cfg.SOLVER.IMS_PER_BATCH, start_iter=start_iter)
     local_batch = cfg.SOLVER.IMS_PER_BATCH // comm.get_world_size()

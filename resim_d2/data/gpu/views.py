@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from ..color_augment import P_BLUR, P_GRAY, P_JITTER
+from ..skips import MAX_CONSECUTIVE_SKIPS, SkipCounter
 from ..view_params import ViewParamSampler
 from .colour import color_augment_views, default_blur_kernel_size
 from .decode import decode_batch
@@ -45,8 +46,11 @@ class GPUViews:
     tensors on ``device``) plus ``"stream_position"``.
 
     A JPEG that fails to decode on the device is decoded on the host (PIL); one that fails there
-    too is replaced by the next image of the batch with parameters redrawn from
-    ``(seed, 2, position)`` (``param_sampler``) and counted in ``"num_skipped"``.
+    too is counted as skipped (:attr:`skips`, the give-up rule of :mod:`resim_d2.data.skips`) and
+    replaced by the next image of the batch with parameters redrawn from ``(seed, 2, position)``
+    (``param_sampler``). The files skipped here and in the workers reach the run's log through
+    the first sample's ``"num_skipped"``/``"skipped"``. A batch with no image left is dropped
+    (``__call__`` returns None; its skipped files are reported with the next batch).
     """
 
     def __init__(
@@ -59,6 +63,7 @@ class GPUViews:
         param_sampler: ViewParamSampler | None = None,
         seed: int = 0,
         max_group_elements: int = 2**26,
+        max_consecutive_skips: int = MAX_CONSECUTIVE_SKIPS,
     ):
         """
         Args:
@@ -69,6 +74,7 @@ class GPUViews:
             param_sampler: redraws the parameters of a replaced image (None: copy the substitute's).
             seed: stream seed, for replacement draws.
             max_group_elements: memory cap of one resampling group (see :func:`resample_views`).
+            max_consecutive_skips: files in a row that failed to decode, after which the run stops.
         """
         self.view_size = int(view_size)
         device = torch.device(device)
@@ -84,6 +90,7 @@ class GPUViews:
         self.seed = int(seed)
         self.max_group_elements = int(max_group_elements)
         self.num_replaced = 0
+        self.skips = SkipCounter("GPUViews", limit=max_consecutive_skips)
 
     @classmethod
     def from_config(cls, cfg, device=None, param_sampler=None, seed=0) -> GPUViews:
@@ -96,6 +103,7 @@ class GPUViews:
             param_sampler=param_sampler,
             seed=seed,
             max_group_elements=g.MAX_GROUP_ELEMENTS,
+            max_consecutive_skips=cfg.RESIM.VIEWS.MAX_CONSECUTIVE_SKIPS,
         )
 
     def __repr__(self):
@@ -104,21 +112,16 @@ class GPUViews:
             f"blur_kernel_size={self.blur_kernel_size})"
         )
 
-    def decode(self, packed: dict) -> tuple[list[torch.Tensor | None], list[int]]:
-        """Upright (3, H, W) uint8 images on the device; indices of images that failed."""
+    def decode(self, packed: dict) -> tuple[list[torch.Tensor | None], dict[int, str]]:
+        """Upright (3, H, W) uint8 images on the device; ``{index: reason}`` of the failed ones."""
         return decode_batch(packed, self.device)
 
     def _replace(self, packed: dict, images: list, failed: list[int]) -> dict:
         """Fill failed images with the next good image of the batch and fresh parameters."""
         bad = set(failed)
         good = [i for i in range(len(images)) if i not in bad]
-        if not good:
-            raise RuntimeError(
-                "GPUViews: no image of the batch could be decoded (first: "
-                f"{packed['file_names'][failed[0]]!r}); is the dataset readable?"
-            )
         packed = dict(packed)
-        for key in ("crops", "flips", "colors", "image_sizes", "num_skipped"):
+        for key in ("crops", "flips", "colors", "image_sizes"):
             packed[key] = packed[key].clone()
         packed["file_names"] = list(packed["file_names"])
         packed["image_ids"] = list(packed.get("image_ids") or [None] * len(images))
@@ -132,7 +135,6 @@ class GPUViews:
             packed["file_names"][i] = packed["file_names"][j]
             packed["image_ids"][i] = packed["image_ids"][j]
             packed["image_sizes"][i] = torch.tensor([h, w])
-            packed["num_skipped"][i] += 1
             if self.param_sampler is not None:
                 position = int(packed["stream_positions"][i])
                 p = self.param_sampler(np.random.default_rng([self.seed, 2, position]), (h, w))
@@ -187,8 +189,17 @@ class GPUViews:
             views = x.mul_(255.0).view(B, 2, 3, S, S)
         return views.round_().clamp_(0.0, 255.0).to(torch.uint8)
 
-    def __call__(self, packed: dict) -> list[dict]:
+    def __call__(self, packed: dict) -> list[dict] | None:
         images, failed = self.decode(packed)
+        names = packed["file_names"]
+        for i, name in enumerate(names):
+            if i in failed:
+                self.skips.skip(name, failed[i])
+            else:
+                self.skips.used()
+        if len(failed) == len(names):  # nothing to fill the batch with
+            self.skips.carry([r for rs in packed.get("skipped") or () for r in rs])
+            return None
         if failed:
             packed = self._replace(packed, images, failed)
         colors = packed["colors"].numpy()
@@ -206,6 +217,10 @@ class GPUViews:
         flips = packed["flips"].tolist()
         sizes = packed["image_sizes"].tolist()
         skipped = packed["num_skipped"].tolist()
+        records = [list(r) for r in packed.get("skipped") or [[] for _ in skipped]]
+        count, mine = self.skips.take()  # skipped here (and dropped batches' files): with sample 0
+        skipped[0] += count
+        records[0] += mine
         positions = packed["stream_positions"].tolist()
         ids = packed.get("image_ids")
         # windows on the device too: ReSim._windows then only stacks them, and the training step
@@ -233,6 +248,7 @@ class GPUViews:
                 "file_name": name,
                 "image_size": tuple(sizes[i]),
                 "num_skipped": int(skipped[i]),
+                "skipped": records[i],
                 "stream_position": int(positions[i]),
             }
             if ids is not None and ids[i] is not None:
