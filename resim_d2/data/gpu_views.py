@@ -4,7 +4,7 @@ This module re-exports its names (decoding, resampling, colour, :class:`GPUViews
 parameter layout, so that ``from resim_d2.data.gpu_views import ...`` keeps working.
 """
 
-from .color_augment import (  # noqa: F401  (re-exported: the colour parameter layout)
+from .color_augment import (  # noqa: F401  (re-exported, with the colour parameter layout)
     NUM_COLOR_PARAMS,
     P_BLUR,
     P_BRIGHTNESS,
@@ -17,7 +17,7 @@ from .color_augment import (  # noqa: F401  (re-exported: the colour parameter l
     P_SIGMA,
     sample_color_params,
 )
-from .gpu.colour import (
+from .gpu.colour import (  # noqa: F401  (re-exported)
     adjust_brightness,
     adjust_contrast,
     adjust_hue,
@@ -27,25 +27,7 @@ from .gpu.colour import (
     gaussian_blur,
     rgb_to_grayscale,
 )
-from .gpu.decode import apply_exif_orientation, device_decodes_jpeg
-from .gpu.resample import resample_views
-from .gpu.views import GPUViews
-from .view_params import ViewParamSampler
-
-__all__ = [
-    "NUM_COLOR_PARAMS",
-    "sample_color_params",
-    "ViewParamSampler",
-    "apply_exif_orientation",
-    "device_decodes_jpeg",
-    "resample_views",
-    "adjust_brightness",
-    "adjust_contrast",
-    "adjust_saturation",
-    "adjust_hue",
-    "rgb_to_grayscale",
-    "gaussian_blur",
-    "color_augment_views",
-    "default_blur_kernel_size",
-    "GPUViews",
-]
+from .gpu.decode import apply_exif_orientation, device_decodes_jpeg  # noqa: F401
+from .gpu.resample import resample_views  # noqa: F401
+from .gpu.views import GPUViews  # noqa: F401
+from .view_params import ViewParamSampler  # noqa: F401

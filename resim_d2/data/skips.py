@@ -18,7 +18,13 @@ from __future__ import annotations
 import collections
 import logging
 
-__all__ = ["MAX_CONSECUTIVE_SKIPS", "DatasetUnreadableError", "SkipCounter", "give_up_message"]
+__all__ = [
+    "MAX_CONSECUTIVE_SKIPS",
+    "DatasetUnreadableError",
+    "SkipCounter",
+    "CountsSkips",
+    "give_up_message",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -100,3 +106,19 @@ class SkipCounter:
         """``(num_skipped, skipped)`` since the previous call: a sample's two fields."""
         out, self._pending = self._pending, []
         return len(out), out
+
+
+class CountsSkips:
+    """Base of a reader that owns a :class:`SkipCounter` as ``skips``: ``log_skips`` switches
+    its log (the training loaders turn it off; the batches carry the files to the run's log)."""
+
+    skips: SkipCounter
+
+    @property
+    def log_skips(self) -> bool:
+        """Log each skipped file as a warning."""
+        return self.skips.log
+
+    @log_skips.setter
+    def log_skips(self, value: bool):
+        self.skips.log = bool(value)

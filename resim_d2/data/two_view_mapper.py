@@ -3,7 +3,7 @@
 import logging
 import os
 import zlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -12,9 +12,8 @@ from PIL import Image
 from detectron2.config import configurable
 from detectron2.utils import comm
 
-from .color_augment import MoCoV2ColorAugment
 from .image_io import ImageLoadError, load_rgb_image
-from .skips import MAX_CONSECUTIVE_SKIPS, SkipCounter
+from .skips import MAX_CONSECUTIVE_SKIPS, CountsSkips, SkipCounter
 from .view_params import ViewParamSampler, view_params_from_config
 
 __all__ = ["TwoViewMapper", "render_view"]
@@ -57,7 +56,7 @@ def _to_uint8_chw(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(np.asarray(image).transpose(2, 0, 1)))
 
 
-class TwoViewMapper:
+class TwoViewMapper(CountsSkips):
     """Map a dataset record to two augmented views of its image and the windows they share.
 
     Input: a detectron2 dataset dict with ``"file_name"`` (and optionally ``"image_id"``).
@@ -97,40 +96,23 @@ class TwoViewMapper:
     def __init__(
         self,
         *,
-        windows: Mapping[str, tuple[int, int]],
-        view_size: int = 224,
-        scale: Sequence[float] = (0.2, 1.0),
-        ratio: Sequence[float] = (3.0 / 4.0, 4.0 / 3.0),
-        flip_prob: float = 0.5,
-        color_augment: MoCoV2ColorAugment | None = None,
-        placement: str = "grid",
         is_train: bool = True,
         seed: int | None = None,
         max_consecutive_skips: int = MAX_CONSECUTIVE_SKIPS,
+        **view_params,
     ):
         """
         Args:
-            windows: feature name -> (window side, stride) in view pixels, e.g.
-                ``{"res4": (48, 32)}``.
-            view_size: side of both square views, pixels.
-            scale, ratio: RandomResizedCrop area-fraction and aspect-ratio ranges.
-            flip_prob: probability of flipping an image (both views).
-            color_augment: per-view colour augmentation, or None.
-            placement: window placement, ``"grid"`` or ``"overlap"`` (see view_geometry).
             is_train: False seeds each record's geometry from its file name.
             seed: base seed of the per-process generator (None: NumPy's global RNG seeds it).
             max_consecutive_skips: this many unusable records in a row stop the run with an error
                 (the dataset is probably unreadable; :mod:`~resim_d2.data.skips`).
+            view_params: the settings of the :class:`~.view_params.ViewParamSampler` the mapper
+                draws through: ``windows`` (feature name -> (window side, stride) in view
+                pixels, e.g. ``{"res4": (48, 32)}``; required), ``view_size``, ``scale``,
+                ``ratio``, ``flip_prob``, ``color_augment``, ``placement``.
         """
-        self.view_params = ViewParamSampler(
-            windows=windows,
-            view_size=view_size,
-            scale=scale,
-            ratio=ratio,
-            flip_prob=flip_prob,
-            color_augment=color_augment,
-            placement=placement,
-        )
+        self.view_params = ViewParamSampler(**view_params)
         self.is_train = bool(is_train)
         self.seed = seed
         self.skips = SkipCounter("TwoViewMapper", limit=max_consecutive_skips)  # per process
@@ -181,15 +163,6 @@ class TwoViewMapper:
         return self._process_rng()
 
     # ------------------------------------------------------------------ skipping
-    @property
-    def log_skips(self) -> bool:
-        """Log each skipped file (the training loaders set False: the batches carry them)."""
-        return self.skips.log
-
-    @log_skips.setter
-    def log_skips(self, value: bool):
-        self.skips.log = bool(value)
-
     @property
     def num_skipped(self) -> int:
         """Records this mapper skipped (in this process)."""

@@ -44,7 +44,7 @@ from detectron2.utils.file_io import PathManager
 
 from ..image_io import ImageLoadError, load_rgb_image
 from ..skip_report import SkipCollector
-from ..skips import MAX_CONSECUTIVE_SKIPS, SkipCounter
+from ..skips import MAX_CONSECUTIVE_SKIPS, CountsSkips, SkipCounter
 from ..stream import StreamDataset, StreamSampler
 from ..view_params import ViewParamSampler
 from .decode import probe_jpeg, resolve_decode
@@ -60,7 +60,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 
-class RawViewReader:
+class RawViewReader(CountsSkips):
     """The worker's job for one record: file bytes (or decoded pixels) and the pair's parameters.
 
     Called as ``reader(record, rng)`` by :class:`~resim_d2.data.stream.StreamDataset`. Returns
@@ -81,15 +81,6 @@ class RawViewReader:
         self.decode_in_worker = bool(decode_in_worker)
         # skipped files, reported with the next sample (as TwoViewMapper), and the give-up rule
         self.skips = SkipCounter("RawViewReader", limit=max_consecutive_skips)
-
-    @property
-    def log_skips(self) -> bool:
-        """Log each skipped file (the training loader sets False: the batches carry them)."""
-        return self.skips.log
-
-    @log_skips.setter
-    def log_skips(self, value: bool):
-        self.skips.log = bool(value)
 
     def __repr__(self):
         return (
