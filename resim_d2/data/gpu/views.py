@@ -9,7 +9,8 @@ the device, and returns the ``list[dict]`` the CPU path's
   tensor, so ``ReSim`` only stacks and normalises them;
 * the window tensors on the device too, views of one (B, M, 4) / (B, M) tensor per feature and
   key (``ReSim`` stacks them there, with no copy from pageable host memory);
-* crops, flip, file name, image size, ``"num_skipped"`` and ``"stream_position"`` as the CPU path.
+* crops, flip, file name, image size, ``"num_skipped"``/``"skipped"`` and ``"stream_position"``
+  as the CPU path.
 
 For a given ``(seed, position)`` crops, flip, colour parameters and windows are identical to the
 CPU path's (:class:`~resim_d2.data.view_params.ViewParamSampler` draws them in the workers); only
@@ -18,7 +19,6 @@ the pixel arithmetic differs.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 
 import numpy as np
@@ -32,8 +32,6 @@ from .decode import decode_batch
 from .resample import resample_views
 
 __all__ = ["GPUViews"]
-
-logger = logging.getLogger(__name__)
 
 
 class GPUViews:
@@ -116,7 +114,7 @@ class GPUViews:
         """Upright (3, H, W) uint8 images on the device; ``{index: reason}`` of the failed ones."""
         return decode_batch(packed, self.device)
 
-    def _replace(self, packed: dict, images: list, failed: list[int]) -> dict:
+    def _replace(self, packed: dict, images: list, failed: dict[int, str]) -> dict:
         """Fill failed images with the next good image of the batch and fresh parameters."""
         bad = set(failed)
         good = [i for i in range(len(images)) if i not in bad]
