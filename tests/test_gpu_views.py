@@ -19,6 +19,7 @@ from resim_d2 import add_resim_config
 from resim_d2.data import gpu_views
 from resim_d2.data.build import build_pretrain_train_loader
 from resim_d2.data.color_augment import MoCoV2ColorAugment
+from resim_d2.data.gpu import colour as gpu_colour
 from resim_d2.data.gpu_loader import (
     GPUViewsCollator,
     RawViewReader,
@@ -243,7 +244,7 @@ def test_distributions_match_the_cpu_path(records, monkeypatch):
         return real_blur(x, sigma, kernel_size)
 
     monkeypatch.setattr(ImageFilter, "GaussianBlur", counting_pil_blur)
-    monkeypatch.setattr(gpu_views, "gaussian_blur", counting_blur)
+    monkeypatch.setattr(gpu_colour, "gaussian_blur", counting_blur)  # where the path calls it
     ds = StreamDataset(recs, TwoViewMapper(cfg, is_train=True), seed=101)
     cpu = [[ds[i * batch + j] for j in range(batch)] for i in range(n_batches)]
     gpu = _take(gpu_loader(cfg, recs, seed=202), n_batches)

@@ -264,7 +264,7 @@ def test_unreadable_dataset_stops_with_a_clear_error(tmp_path):
     paths = list(bad.values())
     for path in paths[:3]:
         assert mapper({"file_name": path}) is None
-    with pytest.raises(RuntimeError, match="4 consecutive records could not be used"):
+    with pytest.raises(RuntimeError, match="4 records in a row could not be used"):
         mapper({"file_name": paths[3]})
 
 

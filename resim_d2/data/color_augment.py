@@ -16,7 +16,7 @@ from PIL import Image, ImageEnhance, ImageFilter
 __all__ = ["MoCoV2ColorAugment", "adjust_hue", "sample_color_params", "NUM_COLOR_PARAMS"]
 
 # Layout of one view's colour parameters (float64 vector of NUM_COLOR_PARAMS), shared by the CPU
-# path (MoCoV2ColorAugment.apply) and the GPU path (gpu_views.color_augment_views):
+# path (MoCoV2ColorAugment.apply) and the GPU path (gpu.colour.color_augment_views):
 P_JITTER = 0  # 1 if the colour jitter is applied
 P_ORDER = 1  # 4 entries: the jitter ops (0 brightness, 1 contrast, 2 saturation, 3 hue) in order
 P_BRIGHTNESS, P_CONTRAST, P_SATURATION, P_HUE = 5, 6, 7, 8  # factors; neutral 1, 1, 1, 0

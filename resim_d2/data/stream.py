@@ -25,6 +25,8 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from detectron2.data.build import trivial_batch_collator
 from detectron2.utils import comm
 
+from .skips import MAX_CONSECUTIVE_SKIPS, SkipCounter
+
 __all__ = ["StreamDataset", "StreamSampler", "build_stream_loader"]
 
 logger = logging.getLogger(__name__)
@@ -35,13 +37,14 @@ class StreamDataset(Dataset):
     skipped.
 
     A record the mapper rejects (returns ``None``) is replaced by another drawn from the same
-    position's generator. A mapper that accounts for its own skips (its output has
-    ``"num_skipped"``, as TwoViewMapper's and RawViewReader's) reports them with the sample;
-    for any other the dataset sets ``"num_skipped"`` and ``"skipped"`` (file names) itself. After
-    ``max_retries`` rejections in a row the dataset is declared unreadable with a clear error.
+    position's generator. A mapper that counts its own skips (a :class:`~.skips.SkipCounter` as
+    its ``skips``, as TwoViewMapper and RawViewReader) reports them with the sample and gives up
+    by its counter's rule; for any other mapper the dataset counts the rejected records with its
+    own counter (the same rule, :data:`~.skips.MAX_CONSECUTIVE_SKIPS`) and sets the sample's
+    ``"num_skipped"`` and ``"skipped"``.
     """
 
-    def __init__(self, records, mapper, seed, max_retries=64):
+    def __init__(self, records, mapper, seed, max_consecutive_skips=MAX_CONSECUTIVE_SKIPS):
         if len(records) == 0:
             raise ValueError(
                 "the pre-training dataset is empty (check DATASETS.TRAIN and its root)"
@@ -49,7 +52,9 @@ class StreamDataset(Dataset):
         self._records = records
         self._mapper = mapper
         self._seed = int(seed)
-        self._max_retries = max_retries
+        counter = getattr(mapper, "skips", None)
+        self._mapper_counts = isinstance(counter, SkipCounter)
+        self._skips = SkipCounter("StreamDataset", max_consecutive_skips, log=False)
         self._perm_epoch, self._perm = None, None
 
     def __len__(self):  # a stream has no end; DataLoader only needs this for map-style datasets
@@ -67,21 +72,19 @@ class StreamDataset(Dataset):
         position = int(position)
         rng = np.random.default_rng([self._seed, 1, position])
         idx = self._record_index(position)
-        rejected = []
-        for _ in range(self._max_retries + 1):
+        while True:  # until a record is used, or a SkipCounter gives up
             out = self._mapper(self._records[idx], rng)
             if out is not None:
+                self._skips.used()
+                count, records = self._skips.take()
                 if "num_skipped" not in out:  # a mapper that does not report its own skips
-                    out["num_skipped"] = len(rejected)
-                    out["skipped"] = [(name, "rejected by the mapper") for name in rejected]
+                    out["num_skipped"], out["skipped"] = count, records
                 out["stream_position"] = position
                 return out
-            rejected.append(str(self._records[idx].get("file_name", idx)))
+            if not self._mapper_counts:
+                name = self._records[idx].get("file_name", idx)
+                self._skips.skip(name, "rejected by the mapper")
             idx = int(rng.integers(len(self._records)))
-        raise RuntimeError(
-            f"{self._max_retries + 1} records in a row could not be used (last: "
-            f"{self._records[idx].get('file_name', idx)!r}); is the dataset readable?"
-        )
 
 
 class StreamSampler(Sampler):

@@ -1,10 +1,9 @@
 """TwoViewMapper: one dataset record -> ReSim's query/key views and their matched windows."""
 
-import collections
 import logging
 import os
 import zlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -13,8 +12,8 @@ from PIL import Image
 from detectron2.config import configurable
 from detectron2.utils import comm
 
-from .color_augment import MoCoV2ColorAugment
 from .image_io import ImageLoadError, load_rgb_image
+from .skips import MAX_CONSECUTIVE_SKIPS, CountsSkips, SkipCounter
 from .view_params import ViewParamSampler, view_params_from_config
 
 __all__ = ["TwoViewMapper", "render_view"]
@@ -52,17 +51,12 @@ def stable_seed(file_name: str, index: int = 0) -> int:
     return zlib.crc32(key.encode("utf-8"))
 
 
-def _without_name(reason: str, file_name: str) -> str:
-    """``"<file>: cannot decode"`` -> ``"cannot decode"`` (the record names the file already)."""
-    return reason.removeprefix(f"{file_name}: ")
-
-
 def _to_uint8_chw(image: Image.Image) -> torch.Tensor:
     """RGB PIL image (H, W) -> torch.uint8 tensor (3, H, W)."""
     return torch.from_numpy(np.ascontiguousarray(np.asarray(image).transpose(2, 0, 1)))
 
 
-class TwoViewMapper:
+class TwoViewMapper(CountsSkips):
     """Map a dataset record to two augmented views of its image and the windows they share.
 
     Input: a detectron2 dataset dict with ``"file_name"`` (and optionally ``"image_id"``).
@@ -102,50 +96,26 @@ class TwoViewMapper:
     def __init__(
         self,
         *,
-        windows: Mapping[str, tuple[int, int]],
-        view_size: int = 224,
-        scale: Sequence[float] = (0.2, 1.0),
-        ratio: Sequence[float] = (3.0 / 4.0, 4.0 / 3.0),
-        flip_prob: float = 0.5,
-        color_augment: MoCoV2ColorAugment | None = None,
-        placement: str = "grid",
         is_train: bool = True,
         seed: int | None = None,
-        max_consecutive_skips: int = 100,
+        max_consecutive_skips: int = MAX_CONSECUTIVE_SKIPS,
+        **view_params,
     ):
         """
         Args:
-            windows: feature name -> (window side, stride) in view pixels, e.g.
-                ``{"res4": (48, 32)}``.
-            view_size: side of both square views, pixels.
-            scale, ratio: RandomResizedCrop area-fraction and aspect-ratio ranges.
-            flip_prob: probability of flipping an image (both views).
-            color_augment: per-view colour augmentation, or None.
-            placement: window placement, ``"grid"`` or ``"overlap"`` (see view_geometry).
             is_train: False seeds each record's geometry from its file name.
             seed: base seed of the per-process generator (None: NumPy's global RNG seeds it).
             max_consecutive_skips: this many unusable records in a row stop the run with an error
-                (the dataset is probably unreadable).
+                (the dataset is probably unreadable; :mod:`~resim_d2.data.skips`).
+            view_params: the settings of the :class:`~.view_params.ViewParamSampler` the mapper
+                draws through: ``windows`` (feature name -> (window side, stride) in view
+                pixels, e.g. ``{"res4": (48, 32)}``; required), ``view_size``, ``scale``,
+                ``ratio``, ``flip_prob``, ``color_augment``, ``placement``.
         """
-        self.view_params = ViewParamSampler(
-            windows=windows,
-            view_size=view_size,
-            scale=scale,
-            ratio=ratio,
-            flip_prob=flip_prob,
-            color_augment=color_augment,
-            placement=placement,
-        )
+        self.view_params = ViewParamSampler(**view_params)
         self.is_train = bool(is_train)
         self.seed = seed
-        self.max_consecutive_skips = int(max_consecutive_skips)
-        # Skip accounting (per process).
-        self.num_skipped = 0
-        self.skip_reasons = collections.Counter()
-        self._consecutive_skips = 0
-        self._pending_skips = 0
-        self._pending_records: list[tuple[str, str]] = []
-        self.log_skips = True
+        self.skips = SkipCounter("TwoViewMapper", limit=max_consecutive_skips)  # per process
         self._rng = None
         self._rng_pid = None
 
@@ -156,7 +126,7 @@ class TwoViewMapper:
             **view_params_from_config(cfg, is_train),
             "is_train": is_train,
             "seed": cfg.SEED if cfg.SEED >= 0 else None,
-            "max_consecutive_skips": views.get("MAX_CONSECUTIVE_SKIPS", 100),
+            "max_consecutive_skips": views.get("MAX_CONSECUTIVE_SKIPS", MAX_CONSECUTIVE_SKIPS),
         }
 
     def __getattr__(self, name):
@@ -193,23 +163,15 @@ class TwoViewMapper:
         return self._process_rng()
 
     # ------------------------------------------------------------------ skipping
-    def _skip(self, file_name: str, reason: str, kind: str):
-        self.num_skipped += 1
-        self.skip_reasons[kind] += 1
-        self._consecutive_skips += 1
-        self._pending_skips += 1
-        self._pending_records.append((str(file_name), _without_name(reason, file_name)))
-        if self.log_skips:
-            logger.warning(
-                f"TwoViewMapper: skipping {file_name} ({reason}); {self.num_skipped} skipped so far"
-            )
-        if self._consecutive_skips >= self.max_consecutive_skips:
-            raise RuntimeError(
-                f"TwoViewMapper: {self._consecutive_skips} consecutive records could not be used; "
-                f"the last was {file_name}: {reason}. The dataset looks unreadable: check "
-                "cfg.DATASETS.TRAIN and its root ($DETECTRON2_DATASETS)."
-            )
-        return None
+    @property
+    def num_skipped(self) -> int:
+        """Records this mapper skipped (in this process)."""
+        return self.skips.total
+
+    @property
+    def skip_reasons(self):
+        """``Counter`` of the kinds of skip: ``"unreadable"`` files, ``"error"`` in the views."""
+        return self.skips.kinds
 
     # ------------------------------------------------------------------ mapping
     def __call__(self, dataset_dict: dict, rng: np.random.Generator | int | None = None):
@@ -219,19 +181,19 @@ class TwoViewMapper:
         try:
             image = load_rgb_image(file_name)
         except ImageLoadError as e:
-            return self._skip(file_name, str(e), "unreadable")
+            self.skips.skip(file_name, str(e), "unreadable")
+            return None
         try:
             out = self.make_views(image, gen)
         except Exception as e:  # noqa: BLE001  one odd image must not end a run
             logger.debug("TwoViewMapper: failure on %s", file_name, exc_info=True)
-            return self._skip(file_name, f"{type(e).__name__}: {e}", "error")
-        self._consecutive_skips = 0
+            self.skips.skip(file_name, f"{type(e).__name__}: {e}", "error")
+            return None
+        self.skips.used()
         out["file_name"] = file_name
         if "image_id" in dataset_dict:
             out["image_id"] = dataset_dict["image_id"]
-        out["num_skipped"] = self._pending_skips
-        out["skipped"] = self._pending_records
-        self._pending_skips, self._pending_records = 0, []
+        out["num_skipped"], out["skipped"] = self.skips.take()
         return out
 
     def make_views(self, image: Image.Image, rng: np.random.Generator) -> dict:
