@@ -48,7 +48,9 @@ def _share_of_pairs_with_windows(cfg, window: int, stride: int) -> float:
     rng = np.random.default_rng(0)
     hits = 0
     for _ in range(_PAIRS_SAMPLED):
-        crop_q, crop_k, _ = sample_view_pair(rng, (375, 500), views.SCALE, views.RATIO, 0.0)
+        crop_q, crop_k, _ = sample_view_pair(
+            rng, (375, 500), scale=views.SCALE, ratio=views.RATIO, flip_prob=0.0
+        )
         valid = make_windows(crop_q, crop_k, views.SIZE, window, stride, views.WINDOW_PLACEMENT)[2]
         hits += bool(valid.any())
     return hits / _PAIRS_SAMPLED

@@ -429,6 +429,20 @@ def test_one_gpu_path_batch_trains_the_resim_model(records):
     assert torch.isfinite(loss)
     loss.backward()
     assert float(model.last_metrics["region_p4/valid_per_image"]) > 0
+    # each image's windows are rows of one batch tensor, which the model takes without stacking
+    from resim_d2.modeling.region_branch import RegionWindows, _rows_of_one_tensor
+
+    for f in ("p3", "p4"):
+        for key in ("boxes_q", "boxes_k", "valid"):
+            rows = [d["windows"][f][key] for d in batch]
+            whole = _rows_of_one_tensor(rows)
+            assert whole is not None and whole.shape[0] == 4
+            assert all(row.data_ptr() == whole[i].data_ptr() for i, row in enumerate(rows))
+        got = RegionWindows.from_inputs(batch, f, model.device)
+        valid = torch.stack([d["windows"][f]["valid"] for d in batch])
+        torch.testing.assert_close(got.valid, valid)
+        boxes = torch.stack([d["windows"][f]["boxes_q"] for d in batch])
+        torch.testing.assert_close(got.boxes_q, torch.where(valid[..., None], boxes, 0.0))
 
 
 def test_resume_prefetch_and_workers_do_not_change_the_stream(records):

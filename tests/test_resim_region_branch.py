@@ -69,3 +69,14 @@ def test_simsiam_region_mlps_have_table7_sizes_and_ignore_padding():
     losses = [model(b)["loss_region_res4"].detach() for b in (batch, padded)]
     assert losses[0] != 0
     torch.testing.assert_close(losses[0], losses[1], rtol=1e-5, atol=1e-6)
+
+
+def test_windows_that_are_rows_of_one_tensor_are_not_stacked_again():
+    from resim_d2.modeling.region_branch import _rows_of_one_tensor
+
+    whole = torch.rand(3, 2, 4)
+    assert _rows_of_one_tensor([whole[0], whole[1], whole[2]]) is whole
+    assert _rows_of_one_tensor([whole[1], whole[0], whole[2]]) is None  # not in row order
+    assert _rows_of_one_tensor([whole[0], whole[1]]) is None  # not every row
+    assert _rows_of_one_tensor([whole[0].clone(), whole[1], whole[2]]) is None  # a copy
+    assert _rows_of_one_tensor([whole[:, 0][0], whole[1], whole[2]]) is None  # another view

@@ -123,21 +123,19 @@ def sample_flip(rng: np.random.Generator, prob: float) -> bool:
 
 
 def sample_view_pair(
-    rng: np.random.Generator,
-    image_size: tuple[int, int],
-    scale: Sequence[float] = (0.2, 1.0),
-    ratio: Sequence[float] = (3.0 / 4.0, 4.0 / 3.0),
-    flip_prob: float = 0.5,
+    rng: np.random.Generator, image_size: tuple[int, int], flip_prob: float = 0.5, **crop
 ) -> tuple[np.ndarray, np.ndarray, bool]:
     """Sample the geometry of a query/key pair: one flip, then two independent crop boxes.
+
+    ``crop``: ``scale``, ``ratio`` of :func:`sample_crop_box` (its defaults: MoCo-v2's).
 
     Returns:
         ``(crop_q, crop_k, flip)``: float64 (4,) boxes in original pixels of the flipped frame (when
         ``flip``), and the flip decision. Draw order: flip, crop_q, crop_k.
     """
     flip = sample_flip(rng, flip_prob)
-    crop_q = sample_crop_box(rng, image_size, scale, ratio)
-    crop_k = sample_crop_box(rng, image_size, scale, ratio)
+    crop_q = sample_crop_box(rng, image_size, **crop)
+    crop_k = sample_crop_box(rng, image_size, **crop)
     return crop_q, crop_k, flip
 
 

@@ -105,7 +105,7 @@ class ViewParamSampler:
 
     def sample(self, rng: np.random.Generator, image_size: tuple[int, int]) -> dict:
         crop_q, crop_k, flip = sample_view_pair(
-            rng, image_size, self.scale, self.ratio, self.flip_prob
+            rng, image_size, self.flip_prob, scale=self.scale, ratio=self.ratio
         )
         color = np.stack(
             [sample_color_params(self.color_augment, rng) for _ in range(2)]  # query, then key

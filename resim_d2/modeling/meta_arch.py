@@ -261,20 +261,7 @@ class ReSim(nn.Module):
 
     def windows(self, batched_inputs, features) -> dict[str, RegionWindows]:
         """{feature: :class:`RegionWindows`} of the batch, on the device, padding zeroed."""
-        out = {}
-        for f in features:
-            ws = [d["windows"][f] for d in batched_inputs]
-
-            def stack(key, dtype, ws=ws):
-                t = torch.stack([torch.as_tensor(w[key]) for w in ws])
-                return t.to(self.device, dtype=dtype, non_blocking=True)
-
-            valid = stack("valid", torch.bool)
-            zero = torch.zeros((), device=self.device)
-            bq = torch.where(valid[..., None], stack("boxes_q", torch.float32), zero)
-            bk = torch.where(valid[..., None], stack("boxes_k", torch.float32), zero)
-            out[f] = RegionWindows(bq, bk, valid)
-        return out
+        return {f: RegionWindows.from_inputs(batched_inputs, f, self.device) for f in features}
 
     # ------------------------------------------------------------------ for the trainer
     def encoder_backbone(self) -> Backbone:

@@ -55,6 +55,41 @@ class RegionWindows:
     boxes_k: torch.Tensor
     valid: torch.Tensor
 
+    @classmethod
+    def from_inputs(cls, batched_inputs: list[dict], feature: str, device) -> RegionWindows:
+        """The windows of ``feature`` of the model's inputs (one dict per image, ``"windows"``:
+        {feature: {"boxes_q" (M, 4), "boxes_k" (M, 4), "valid" (M,)}}) on ``device``, padding
+        zeroed. Where the per-image tensors are the rows of one batch tensor (the GPU view path
+        makes them so), that tensor is used as it is, not stacked again."""
+        per_image = [d["windows"][feature] for d in batched_inputs]
+
+        def batch(key, dtype):
+            rows = [torch.as_tensor(w[key]) for w in per_image]
+            t = _rows_of_one_tensor(rows)
+            t = torch.stack(rows) if t is None else t
+            return t.to(device, dtype=dtype, non_blocking=True)
+
+        valid = batch("valid", torch.bool)
+        zero = torch.zeros((), device=device)
+        boxes_q = torch.where(valid[..., None], batch("boxes_q", torch.float32), zero)
+        boxes_k = torch.where(valid[..., None], batch("boxes_k", torch.float32), zero)
+        return cls(boxes_q, boxes_k, valid)
+
+
+def _rows_of_one_tensor(rows: list[torch.Tensor]) -> torch.Tensor | None:
+    """The (B, ...) tensor whose rows 0..B-1 are exactly ``rows`` (views of it), else None."""
+    base = rows[0]._base
+    if base is None or base.shape[0] != len(rows) or base.shape[1:] != rows[0].shape:
+        return None
+    for i, row in enumerate(rows):
+        view = base[i]
+        if row._base is not base or (row.data_ptr(), row.stride()) != (
+            view.data_ptr(),
+            view.stride(),
+        ):
+            return None
+    return base
+
 
 class RegionBranch:
     """One level's region objective; see the module docstring.

@@ -7,8 +7,8 @@ the device, and returns the ``list[dict]`` the CPU path's
 
 * ``"image_q"``/``"image_k"``: uint8 (3, S, S) on the device, views of one (B, 2, 3, S, S)
   tensor, so ``ReSim`` only stacks and normalises them;
-* the window tensors on the device too, views of one (B, M, 4) / (B, M) tensor per feature and
-  key (``ReSim`` stacks them there, with no copy from pageable host memory);
+* the window tensors on the device too, rows of one (B, M, 4) / (B, M) tensor per feature and
+  key, which ``ReSim`` takes as it is (``RegionWindows.from_inputs``);
 * crops, flip, file name, image size, ``"num_skipped"``/``"skipped"`` and ``"stream_position"``
   as the CPU path.
 
@@ -221,8 +221,9 @@ class GPUViews:
         records[0] += mine
         positions = packed["stream_positions"].tolist()
         ids = packed.get("image_ids")
-        # windows on the device too: ReSim._windows then only stacks them, and the training step
-        # needs no host-to-device copy from pageable memory (which would wait for the GPU)
+        # windows on the device, each image's being rows of one (B, M, ...) tensor that the model
+        # takes as it is (RegionWindows.from_inputs): no stacking again, and no host-to-device
+        # copy from pageable memory in the training step (which would wait for the GPU)
         windows = {
             f: {k: v.to(self.device, non_blocking=True) for k, v in w.items()}
             for f, w in packed["windows"].items()
