@@ -9,13 +9,13 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers.resim_model import build, make_batch, tiny_resim_cfg, total_loss
 from torch import nn
 
 from resim_d2.modeling import GLOBAL_OBJECTIVE_REGISTRY, GlobalObjective
 from resim_d2.modeling.batch_order import BatchOrder
 from resim_d2.modeling.encoder import backbone_features
 from resim_d2.modeling.momentum_encoder import add_momentum_encoder, momentum_update
-from tests.helpers.resim_model import build, make_batch, tiny_resim_cfg, total_loss
 
 from detectron2.config import configurable
 

@@ -20,6 +20,7 @@ def _gloo_worker(rank, world, init_file, out_file):
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     from resim_d2.modeling import distributed as du
+    from resim_d2.modeling.batch_order import BatchOrder
     from resim_d2.modeling.losses import region_infonce
 
     torch.set_num_threads(1)
@@ -30,8 +31,9 @@ def _gloo_worker(rank, world, init_file, out_file):
         x = torch.arange(4, dtype=torch.float32).view(2, 2) + 10 * rank
         res["gathered"] = du.concat_all_gather(x)
         res["mean"] = du.all_reduce_mean(torch.tensor(float(rank)))
-        (xs, ys), idx = du.batch_shuffle([x, 2 * x])
-        res.update(xs=xs, ys=ys, back=du.batch_unshuffle(xs, idx))
+        order = BatchOrder(shuffle=True, batch=2, device=x.device)  # shuffle-BN's order
+        xs, ys = order.to_encoder(x), order.to_encoder(2 * x)
+        res.update(xs=xs, ys=ys, back=order.to_batch(xs))
         # region-loss normaliser: mean over ranks of the valid count (3 valid on rank 0, 1 on 1)
         g = torch.Generator().manual_seed(20)
         q_all, k_all, negs = (
