@@ -113,7 +113,7 @@ class MoCo(GlobalObjective):
         groups = self.groups(batch)
         shuffle = self.shuffle_bn and (comm.get_world_size() > 1 or groups > 1)
         order = BatchOrder(groups, shuffle=shuffle, batch=batch, device=x_k.device)
-        return model.encode(x_k, order, key_encoder=True, region_grad=False)
+        return model.encode(x_k, order, key_encoder=True)  # under no_grad already
 
     def loss(self, model: nn.Module, query: EncodedView, key: EncodedView):
         q = F.normalize(query.embedding.float(), dim=1)
