@@ -130,7 +130,7 @@ class ReSim(nn.Module):
         self.region_heads = nn.ModuleDict({f: b.head for f, b in region_branches.items()})
         for name, module in heads.items():  # e.g. SimSiam's predictor
             self.add_module(name, module)
-        mlps = {f: b.mlp for f, b in region_branches.items() if getattr(b, "mlp", None)}
+        mlps = {f: b.mlp for f, b in region_branches.items() if getattr(b, "mlp", None) is not None}
         self.region_mlps = nn.ModuleDict(mlps)
         self.objective = objective
         self.region_branches = dict(region_branches)

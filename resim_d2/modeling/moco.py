@@ -113,16 +113,17 @@ class MoCo(GlobalObjective):
         groups = self.groups(batch)
         shuffle = self.shuffle_bn and (comm.get_world_size() > 1 or groups > 1)
         order = BatchOrder(groups, shuffle=shuffle, batch=batch, device=x_k.device)
-        return model.encode(x_k, order, key_encoder=True)  # under no_grad already
+        key = model.encode(x_k, order, key_encoder=True)  # under no_grad already
+        key.embedding = F.normalize(key.embedding.float(), dim=1)  # the keys, as enqueued
+        return key
 
     def loss(self, model: nn.Module, query: EncodedView, key: EncodedView):
         q = F.normalize(query.embedding.float(), dim=1)
-        k = F.normalize(key.embedding.float(), dim=1)
-        loss, stats = global_infonce(q, k, model.queue.clone(), self.temperature)
+        loss, stats = global_infonce(q, key.embedding, model.queue.clone(), self.temperature)
         return loss * self.loss_weight, stats
 
     def after_step(self, model: nn.Module, key: EncodedView) -> None:
-        self.dequeue_and_enqueue(model, F.normalize(key.embedding.float(), dim=1))
+        self.dequeue_and_enqueue(model, key.embedding)
 
     @torch.no_grad()
     def dequeue_and_enqueue(self, model: nn.Module, keys: torch.Tensor) -> None:
